@@ -1,0 +1,27 @@
+"""hf-embcomp: compress the token-embedding matrix of Hugging Face transformers models.
+
+Public API::
+
+    import hf_embcomp
+    small = hf_embcomp.compress(model, method="svd", ratio=8)   # returns a new model
+    small.save_pretrained("out")                                # loads with trust_remote_code=True
+    dense = hf_embcomp.decompress(small)                        # the stock class again
+"""
+
+from .core import CompressionError, compress, decompress, fidelity, is_compressed
+from .methods import METHODS, RatioError, get_method
+from .io import load_model, save_compressed
+
+__all__ = [
+    "METHODS",
+    "CompressionError",
+    "RatioError",
+    "compress",
+    "decompress",
+    "fidelity",
+    "get_method",
+    "is_compressed",
+    "load_model",
+    "save_compressed",
+]
+__version__ = "0.1.0"

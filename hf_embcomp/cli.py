@@ -1,0 +1,188 @@
+"""The ``hf-embcomp`` command line.
+
+Each sub-command lives in a module exposing ``register(subparsers)``, which adds its parser and sets
+``func`` (called with the parsed args; returns an exit code). User errors raise :class:`UserError` (or
+one of the documented ValueError subclasses) and print one line, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from tqdm.auto import tqdm
+
+logger = logging.getLogger("hf_embcomp")
+
+# Modules that register further sub-commands (each optional until it lands).
+_COMMAND_MODULES = ("hf_embcomp.evaluation.cli", "hf_embcomp.push", "hf_embcomp.distill")
+
+
+class UserError(ValueError):
+    """A mistake in the command line or its inputs; printed as one line, exit code 2."""
+
+
+def _float_ratio(s: str) -> float:
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ratio must be a number, e.g. 8 (got {s!r})") from None
+
+
+def _hp_args(values: Sequence[str] | None) -> dict:
+    hp = {}
+    for item in values or []:
+        if "=" not in item:
+            raise UserError(f"--hp expects KEY=VALUE (got {item!r}), e.g. --hp lam=4")
+        k, v = item.split("=", 1)
+        try:
+            hp[k] = json.loads(v)
+        except json.JSONDecodeError:
+            hp[k] = v
+    return hp
+
+
+class _Steps:
+    """A progress bar over the named steps of a command (each step may be long)."""
+
+    def __init__(self, names: list[str], quiet: bool = False) -> None:
+        self.bar = tqdm(total=len(names), disable=quiet, unit="step", bar_format="{l_bar}{bar:20}| {n}/{total} {postfix}")
+        self.t = {}
+
+    def step(self, name: str, fn: Callable):
+        self.bar.set_description(name)
+        t0 = time.perf_counter()
+        out = fn()
+        self.t[name] = time.perf_counter() - t0
+        self.bar.update(1)
+        return out
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    import hf_embcomp
+    from hf_embcomp.io import atomic_output_dir, load_model
+
+    out = Path(args.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise UserError(f"output folder {out} exists and is not empty; choose another --output or pass --overwrite.")
+    hp = _hp_args(args.hp)
+    for k in ("rank", "dtype", "seed", "bits", "stages"):
+        v = getattr(args, k, None)
+        if v is not None:
+            hp[k] = v
+    if args.method not in hf_embcomp.METHODS:
+        raise UserError(f"unknown method {args.method!r}; choose one of: {', '.join(sorted(hf_embcomp.METHODS))}.")
+    steps = _Steps(["load", "fit", "save"], quiet=args.quiet)
+    try:
+        src = steps.step("load", lambda: load_model(args.model, gguf_file=args.gguf_file, revision=args.revision))
+        ratio = None if hp.get("rank") is not None and args.ratio is None else (args.ratio or 8.0)
+        model = steps.step(
+            "fit",
+            lambda: hf_embcomp.compress(
+                src.model,
+                args.method,
+                ratio,
+                source=src.name if src.gguf_file is None else f"{src.name}::{src.gguf_file}",
+                source_revision=src.revision,
+                source_dtype=src.embedding_dtype,
+                source_embedding_bytes=src.embedding_bytes,
+                tokenizer=src.tokenizer,
+                source_folder=str(src.folder) if src.folder else None,
+                device=args.device,
+                **hp,
+            ),
+        )
+
+        def _save():
+            with atomic_output_dir(out, overwrite=args.overwrite) as tmp:
+                model.save_pretrained(tmp)
+
+        steps.step("save", _save)
+    finally:
+        steps.close()
+    rep = model.compression_report
+    fid = rep["fidelity"]
+    stored = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    lines = [
+        f"hf-embcomp compress: {rep['source_model']} -> {out}",
+        f"  method            {rep['method']}  {json.dumps(rep['hyperparameters'])}",
+        f"  token embedding   {rep['num_embeddings']} x {rep['embedding_dim']}  (source dtype {rep['source_dtype']})",
+        f"  stored bytes      {rep['stored_bytes']:,}  (fp32 {rep['fp32_bytes']:,}; source {rep['source_bytes']:,})",
+        f"  compression ratio {rep['compression_ratio']:.2f}x vs fp32, {rep['compression_ratio_vs_source']:.2f}x vs source",
+        f"  row cosine        mean {fid['row_cosine_mean']:.4f}, 1st percentile {fid['row_cosine_p01']:.4f}",
+        f"  rel. Frobenius    {fid['relative_frobenius_error']:.4f}",
+        f"  time              load {steps.t['load']:.1f}s, fit {rep['fit_seconds']:.1f}s, save {steps.t['save']:.1f}s",
+        f"  repository        {stored / 1e6:.1f} MB on disk; load with "
+        f"AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True)",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-embcomp", description="Compress the token embedding of Hugging Face models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compress", help="compress a model's token embedding and write a Hub repository")
+    p.add_argument("model", nargs="?", default=None,
+                   help="local folder, Hub id, or .gguf file (default: the embedded all-MiniLM-L6-v2)")
+    p.add_argument("--method", default="svd", help="compression method (default: svd)")
+    p.add_argument("--ratio", type=_float_ratio, default=None,
+                   help="compression ratio vs fp32 bytes of the token embedding (default 8)")
+    p.add_argument("--rank", type=int, default=None, help="set the rank directly (low-rank methods)")
+    p.add_argument("--bits", type=int, default=None, help="code bits per stage (code methods)")
+    p.add_argument("--stages", type=int, default=None, help="residual stages (LightToken)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="storage dtype of the real-valued parts (default float32)")
+    p.add_argument("--seed", type=int, default=None, help="random seed of the fit (default 0)")
+    p.add_argument("--hp", action="append", metavar="KEY=VALUE", help="any other method hyper-parameter")
+    p.add_argument("--gguf-file", default=None, help="GGUF file name inside MODEL (or a path to it)")
+    p.add_argument("--revision", default=None, help="Hub revision of MODEL")
+    p.add_argument("--device", default=None, help="device of the fit (e.g. cuda); default the model's")
+    p.add_argument("--output", "-o", required=True, help="output folder (a complete Hub model repository)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compress)
+
+    for mod in _COMMAND_MODULES:
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name and mod.startswith(e.name):
+                continue
+            raise
+        m.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``hf-embcomp``. Returns the exit code (0 ok, 2 user error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from hf_embcomp.core import CompressionError
+    from hf_embcomp.io import SourceError
+    from hf_embcomp.methods import RatioError
+
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, CompressionError, SourceError, RatioError, FileExistsError, ValueError) as e:
+        print(f"hf-embcomp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hf-embcomp: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Configuration of an hf-embcomp model: a stock backbone config plus an ``embedding_compression`` block.
+
+This file ships inside every compressed model repository (runtime code). It imports only torch,
+transformers and the standard library.
+
+``config.json`` holds every field of the backbone config at top level (as the stock config writes it),
+``"model_type": "embcomp"``, ``"backbone_model_type"`` (``"bert"``, ``"llama"``, ...) and the
+``"embedding_compression"`` block (method, its hyper-parameters, ratio, source model). Loading it
+gives an instance of a per-backbone subclass ``EmbCompConfig(EmbCompConfig, <StockConfig>)``, so every
+stock attribute, property and default keeps working (``isinstance(config, BertConfig)`` is true).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from transformers import CONFIG_MAPPING, PretrainedConfig
+
+FORMAT_VERSION = 1
+"""Version of the ``embedding_compression`` block written by this code. Newer blocks are refused."""
+
+_EMBCOMP_KEYS = ("backbone_model_type", "embedding_compression")
+_STOCK_DROP_KEYS = ("model_type", "architectures", "auto_map", "transformers_version")
+
+
+class EmbCompConfig(PretrainedConfig):
+    """Config of a model whose token embedding is compressed by hf-embcomp.
+
+    The class named in ``auto_map`` dispatches, in :meth:`from_dict`, to a cached subclass of the stock
+    config of ``backbone_model_type``; do not instantiate it directly, use
+    ``AutoConfig.from_pretrained(path, trust_remote_code=True)``.
+    """
+
+    model_type = "embcomp"
+    _embcomp_backbone: str | None = None
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        if cls._embcomp_backbone is None:
+            bmt = config_dict.get("backbone_model_type")
+            if not bmt:
+                raise ValueError(
+                    "config.json has model_type 'embcomp' but no 'backbone_model_type': the checkpoint is "
+                    "incomplete; re-save it with hf-embcomp."
+                )
+            validate_compression_block(config_dict.get("embedding_compression"))
+            return embcomp_config_class(bmt).from_dict(config_dict, **kwargs)
+        return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_backbone_config(cls, stock_config: PretrainedConfig, compression: dict[str, Any]) -> "EmbCompConfig":
+        """Build the compressed model's config from a stock config and an ``embedding_compression`` block."""
+        bmt = stock_config.model_type
+        d = stock_config.to_dict()
+        for k in _STOCK_DROP_KEYS:
+            d.pop(k, None)
+        d["backbone_model_type"] = bmt
+        d["embedding_compression"] = dict(compression)
+        validate_compression_block(d["embedding_compression"])
+        return embcomp_config_class(bmt).from_dict(d)
+
+    def to_backbone_config(self) -> PretrainedConfig:
+        """Return the stock config of the backbone (no compression fields, stock ``model_type``)."""
+        d = self.to_dict()
+        for k in _STOCK_DROP_KEYS + _EMBCOMP_KEYS:
+            d.pop(k, None)
+        return CONFIG_MAPPING[self.backbone_model_type].from_dict(d)
+
+
+_REQUIRED_FIELDS = ("format_version", "method", "num_embeddings", "embedding_dim")
+
+
+def validate_compression_block(block: Any) -> None:
+    """Check an ``embedding_compression`` block.
+
+    Raises:
+        ValueError: the block is missing, lacks a required field, or has a newer ``format_version``.
+    """
+    if not isinstance(block, dict):
+        raise ValueError(
+            "config.json has no 'embedding_compression' block: this is not a complete hf-embcomp checkpoint."
+        )
+    missing = [k for k in _REQUIRED_FIELDS if k not in block]
+    if missing:
+        raise ValueError(f"config.json 'embedding_compression' lacks {missing}; re-save the model with hf-embcomp.")
+    if int(block["format_version"]) > FORMAT_VERSION:
+        raise ValueError(
+            f"embedding_compression format_version {block['format_version']} is newer than this runtime code "
+            f"({FORMAT_VERSION}); load the repository's own code (trust_remote_code=True) or upgrade hf-embcomp."
+        )
+
+
+@functools.lru_cache(maxsize=None)
+def embcomp_config_class(backbone_model_type: str) -> type:
+    """The cached ``EmbCompConfig`` subclass for one backbone ``model_type``.
+
+    Raises:
+        ValueError: ``backbone_model_type`` is not a transformers model type.
+    """
+    if backbone_model_type not in CONFIG_MAPPING:
+        raise ValueError(
+            f"backbone_model_type {backbone_model_type!r} is unknown to this transformers version; upgrade transformers."
+        )
+    stock = CONFIG_MAPPING[backbone_model_type]
+
+    def __init__(self, **kw):  # noqa: N807 - keeps the stock constructor as it is
+        stock.__init__(self, **kw)
+
+    ns = {
+        "__init__": __init__,
+        "__module__": __name__,
+        "__qualname__": f"EmbCompConfig__{backbone_model_type}",
+        "_embcomp_backbone": backbone_model_type,
+        "model_type": "embcomp",
+    }
+    cls = type("EmbCompConfig", (EmbCompConfig, stock), ns)
+    return cls
+
+
+def __getattr__(name: str):  # PEP 562: lets pickle find the dynamic classes by their qualname
+    if name.startswith("EmbCompConfig__"):
+        return embcomp_config_class(name[len("EmbCompConfig__"):])
+    raise AttributeError(name)

@@ -1,0 +1,174 @@
+"""Base class of the compressed token-embedding modules, the tied-logits module and bit packing.
+
+Runtime code: ships in every compressed model repository; imports only torch and the standard library.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+_BIT_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)  # MSB first, as numpy.packbits(bitorder="big")
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Pack a {0,1} tensor [..., m] into uint8 [..., ceil(m/8)], 8 codes a byte, most significant bit first."""
+    m = bits.shape[-1]
+    pad = (-m) % 8
+    b = bits.to(torch.uint8)
+    if pad:
+        b = torch.cat([b, b.new_zeros(*b.shape[:-1], pad)], dim=-1)
+    b = b.reshape(*b.shape[:-1], -1, 8)
+    return (b << _BIT_SHIFTS.to(b.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, num_bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Unpack uint8 [..., nbytes] into a {0,1} tensor [..., num_bits] of ``dtype`` (vectorised shifts)."""
+    bits = (packed.unsqueeze(-1) >> _BIT_SHIFTS.to(packed.device)) & 1
+    return bits.reshape(*packed.shape[:-1], -1)[..., :num_bits].to(dtype)
+
+
+def _cast_to_storage(module: "CompressedEmbedding", state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    # Floating tensors are written in the storage dtype of the compression block, whatever the in-memory
+    # dtype, so that a re-saved (or fine-tuned) model keeps the stored bytes it was compressed to.
+    for name, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        key = prefix + name
+        t = state_dict.get(key)
+        if t is not None and t.is_floating_point() and t.dtype != module.storage_dtype:
+            state_dict[key] = t.detach().to(module.storage_dtype)
+
+
+class CompressedEmbedding(nn.Module):
+    """A token embedding E_hat (V x d) stored in compressed form.
+
+    Deliberately not an ``nn.Embedding`` subclass: stock init and resize code test ``isinstance(m,
+    nn.Embedding)`` and would touch a ``.weight`` that does not exist.
+
+    Subclasses (one per method) implement :meth:`allocate` (shapes only: it runs on the meta device),
+    :meth:`embed`, :meth:`compute_logits`, :meth:`reconstruct` and :meth:`reset_parameters`.
+
+    Args:
+        block: the ``embedding_compression`` block of the config: ``num_embeddings`` (V),
+            ``embedding_dim`` (d), ``padding_idx``, ``embed_scale``, ``storage_dtype`` and the method's
+            ``hyperparameters``.
+    """
+
+    method: str = ""
+
+    def __init__(self, block: dict[str, Any]) -> None:
+        super().__init__()
+        self.num_embeddings = int(block["num_embeddings"])
+        self.embedding_dim = int(block["embedding_dim"])
+        self.padding_idx = block.get("padding_idx")
+        scale = block.get("embed_scale")
+        self.embed_scale = None if scale is None else float(scale)
+        self.storage_dtype = getattr(torch, block.get("storage_dtype", "float32"))
+        self.hparams = dict(block.get("hyperparameters", {}))
+        self._register_state_dict_hook(_cast_to_storage)
+        self.allocate()
+
+    # --- to implement per method -------------------------------------------------------------
+    def allocate(self) -> None:
+        """Register parameters and persistent buffers of the right shapes, with no computation."""
+        raise NotImplementedError
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Rows of E_hat for ``input_ids`` (int64 [...]) -> float [..., d], unscaled."""
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden @ E_hat.T`` (float [..., d] -> [..., V]) without building the V x d matrix."""
+        raise NotImplementedError
+
+    def reconstruct(self) -> torch.Tensor:
+        """The dense unscaled E_hat, float [V, d] (for decompress and evaluation only)."""
+        raise NotImplementedError
+
+    def reset_parameters(self, init: Any = None) -> None:
+        """Give every tensor finite values (used when a model is built without weights).
+
+        ``init`` is ``transformers.initialization`` (whose functions skip tensors already loaded) or None
+        for ``torch.nn.init``.
+        """
+        init = init or nn.init
+        for p in self.parameters(recurse=False):
+            init.normal_(p, mean=0.0, std=0.02)
+
+    # --- shared ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        for t in self.parameters():
+            return t.device
+        for t in self.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for t in self.parameters():
+            return t.dtype
+        return torch.float32
+
+    @property
+    def weight(self):  # noqa: D401 - a clear error instead of an AttributeError deep in user code
+        raise AttributeError(
+            f"{type(self).__name__} stores the token embedding compressed and has no dense .weight; "
+            "use .reconstruct() for the V x d matrix or hf_embcomp.decompress(model) for a stock model."
+        )
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, logits_from: torch.Tensor | None = None):
+        """Look up token embeddings, or (``logits_from=hidden``) compute tied output logits.
+
+        Args:
+            input_ids: int64 [...] token ids in [0, V).
+            logits_from: float [..., d] hidden states; returns float [..., V] logits ``hidden @ E_hat.T``.
+
+        Raises:
+            IndexError: a token id is negative or >= V.
+        """
+        if logits_from is not None:
+            return self.compute_logits(logits_from.to(self.device))
+        if input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.num_embeddings:
+                raise IndexError(
+                    f"token id {hi if hi >= self.num_embeddings else lo} is out of range for a vocabulary of "
+                    f"{self.num_embeddings}: check that the tokenizer matches this model."
+                )
+        out = self.embed(input_ids)
+        if self.embed_scale is not None:
+            out = out * torch.tensor(self.embed_scale, dtype=torch.float32).to(out.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, method={self.method}, hparams={self.hparams}"
+
+
+class EmbCompTiedLogits(nn.Module):
+    """Output projection tied to a :class:`CompressedEmbedding`: ``logits = hidden @ E_hat.T + bias``.
+
+    Holds the embedding by plain reference (not a registered submodule), so the state dict has no second
+    copy. Goes through the embedding's ``forward`` so accelerate's offload hooks load its weights.
+    """
+
+    def __init__(self, source: CompressedEmbedding, bias: nn.Parameter | None = None) -> None:
+        super().__init__()
+        object.__setattr__(self, "_embcomp_source", source)
+        self.in_features = source.embedding_dim
+        self.out_features = source.num_embeddings
+        self.bias = bias
+
+    @property
+    def weight(self):
+        return self._embcomp_source.weight  # raises the explanatory AttributeError
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self._embcomp_source(logits_from=hidden).to(hidden.device)
+        if self.bias is not None:
+            logits = logits + self.bias.to(logits.device, logits.dtype)
+        return logits
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tied=compressed"

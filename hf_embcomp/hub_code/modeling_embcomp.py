@@ -1,0 +1,333 @@
+"""Model classes of an hf-embcomp checkpoint: any transformers backbone with a compressed token embedding.
+
+Runtime code: ships in every compressed model repository; imports only torch, transformers, the
+standard library and its sibling files.
+
+How it works (one code path for every architecture whose input embedding is an ``nn.Embedding``):
+
+- ``auto_map`` points every Auto class at a thin *entry* class here (``EmbCompModel``,
+  ``EmbCompForCausalLM``, ...). An entry never builds itself: it builds a cached dynamic subclass of the
+  stock head, e.g. ``(EmbCompForMaskedLM, BertForMaskedLM)``, found through the Auto class's own mapping.
+- The stock ``__init__`` runs unchanged. At its final ``post_init()`` the token embedding (and every
+  output projection tied to it) is swapped for the compressed module, before ties, init and loading.
+- Tied output projections compute ``hidden @ E_hat.T`` from the compressed module; no V x d copy is stored.
+
+Known gap: a stock class loaded directly (``BertModel.from_pretrained(dir)``) ignores ``auto_map`` and
+gets a random token embedding (transformers only warns). Load with the Auto classes and
+``trust_remote_code=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers import CONFIG_MAPPING, PretrainedConfig, PreTrainedModel
+from transformers.generation import GenerationMixin
+
+from .configuration_embcomp import EmbCompConfig
+from .embcomp_layers import CompressedEmbedding, EmbCompTiedLogits, build_compressed_embedding
+
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
+@contextlib.contextmanager
+def stock_config_view(config: PretrainedConfig, backbone_model_type: str):
+    """Make ``config`` look like the stock config while the stock ``__init__`` runs.
+
+    Generic heads build their backbone with ``AutoModel.from_config(config)``; with our ``auto_map`` that
+    would re-enter the remote-code machinery. Restores the class and ``auto_map`` on exit.
+    """
+    cls = config.__class__
+    auto_map = config.__dict__.pop("auto_map", None)
+    config.__class__ = CONFIG_MAPPING[backbone_model_type]
+    try:
+        yield config
+    finally:
+        config.__class__ = cls
+        if auto_map is not None:
+            config.__dict__["auto_map"] = auto_map
+
+
+class EmbCompPreTrainedModel(PreTrainedModel):
+    """Mixin placed before the stock class in the MRO. Defines no stock class attribute on purpose."""
+
+    config_class = EmbCompConfig
+    _embcomp_auto_class: str | None = None
+    _embcomp_stock_class: type | None = None
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        config = args[0] if args else kwargs.get("config")
+        if cls._embcomp_stock_class is None and cls._embcomp_auto_class and isinstance(config, PretrainedConfig):
+            cls = embcomp_model_class(cls, config.backbone_model_type)
+        return super().__new__(cls)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args: Any, **kwargs: Any):
+        if cls._embcomp_stock_class is None:
+            config = kwargs.get("config")
+            if isinstance(config, PretrainedConfig):
+                bmt = config.backbone_model_type
+            else:
+                hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+                config_dict, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub)
+                bmt = config_dict.get("backbone_model_type")
+                if not bmt:
+                    raise ValueError(f"{pretrained_model_name_or_path} is not an hf-embcomp checkpoint (no backbone_model_type).")
+            return embcomp_model_class(cls, bmt).from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    # --- the swap ------------------------------------------------------------------------------
+    def post_init(self):
+        if type(self)._embcomp_stock_class is not None and not getattr(self, "_embcomp_installed", False):
+            self._embcomp_install()
+        super().post_init()
+        removed = getattr(self, "_embcomp_removed_keys", None)
+        if removed and isinstance(getattr(self, "all_tied_weights_keys", None), dict):
+            self.all_tied_weights_keys = {
+                t: s for t, s in self.all_tied_weights_keys.items() if t not in removed and s not in removed
+            }
+
+    def _embcomp_install(self) -> None:
+        block = dict(self.config.embedding_compression)
+        old = self.get_input_embeddings()
+        if type(old) is nn.Embedding:
+            scale = None
+        elif isinstance(old, nn.Embedding) and hasattr(old, "scalar_embed_scale"):
+            scale = float(old.scalar_embed_scale)
+        else:
+            raise NotImplementedError(
+                f"unsupported input-embedding class {type(old).__name__}: hf-embcomp compresses nn.Embedding "
+                "(optionally with a scalar embed scale) only."
+            )
+        if (old.num_embeddings, old.embedding_dim) != (block["num_embeddings"], block["embedding_dim"]):
+            raise ValueError(
+                f"the backbone's token embedding is {old.num_embeddings} x {old.embedding_dim} but the "
+                f"embedding_compression block describes {block['num_embeddings']} x {block['embedding_dim']}: "
+                "config.json is inconsistent; re-save the model with hf-embcomp."
+            )
+        block.setdefault("padding_idx", old.padding_idx)
+        if block.get("embed_scale") is None:
+            block["embed_scale"] = scale
+        emb_names = [n for n, m in self.named_modules(remove_duplicate=False) if m is old]
+
+        # Tie declarations of every sub-model, expanded BEFORE the swap (expansion may search real names).
+        ties: dict[str, dict[str, str]] = {}
+        for prefix, sub in self.named_modules(remove_duplicate=False):
+            if isinstance(sub, PreTrainedModel) and prefix not in ties:
+                ties[prefix] = sub.get_expanded_tied_weights_keys(all_submodels=False)
+        emb_keys = {f"{n}.weight" for n in emb_names}
+        out_names: list[str] = []
+        for prefix, mapping in ties.items():
+            pre = f"{prefix}." if prefix else ""
+            for t, s in mapping.items():
+                t, s = pre + t, pre + s
+                for a, b in ((s, t), (t, s)):
+                    if a in emb_keys and b.endswith(".weight") and b[: -len(".weight")] not in out_names:
+                        out_names.append(b[: -len(".weight")])
+
+        new = build_compressed_embedding(block)
+        for n in emb_names:
+            self.set_submodule(n, new)
+        for n in out_names:
+            out_old = self.get_submodule(n)
+            self.set_submodule(n, EmbCompTiedLogits(new, bias=getattr(out_old, "bias", None)))
+
+        removed = emb_keys | {f"{n}.weight" for n in out_names}
+        for prefix, mapping in ties.items():
+            pre = f"{prefix}." if prefix else ""
+            if any(pre + t in removed or pre + s in removed for t, s in mapping.items()):
+                sub = self.get_submodule(prefix) if prefix else self
+                sub._tied_weights_keys = {
+                    t: s for t, s in mapping.items() if pre + t not in removed and pre + s not in removed
+                }
+        self._embcomp_embedding_names = emb_names
+        self._embcomp_output_names = out_names
+        self._embcomp_removed_keys = removed
+        self._embcomp_installed = True
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        super().initialize_weights()
+        from transformers import initialization as init  # guarded: skips tensors that were loaded
+
+        for m in self.modules():
+            if isinstance(m, CompressedEmbedding):
+                m.reset_parameters(init)
+
+    def save_pretrained(self, save_directory, *args: Any, **kwargs: Any):
+        """``PreTrainedModel.save_pretrained``, then the side files hf-embcomp attached at compress time
+        (tokenizer, sentence-transformers files, model card, ``compression_report.json``)."""
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            for rel, data in (getattr(self, "_embcomp_extra_files", None) or {}).items():
+                path = os.path.join(save_directory, *rel.split("/"))
+                if os.path.isabs(rel) or ".." in rel.split("/"):
+                    raise ValueError(f"refusing to write side file outside the model folder: {rel}")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(data)
+        return out
+
+    # --- helpers ---------------------------------------------------------------------------------
+    def get_compressed_embedding(self) -> CompressedEmbedding:
+        """The compressed token-embedding module."""
+        return self.get_submodule(self._embcomp_embedding_names[0])
+
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any):
+        raise NotImplementedError(
+            "resize_token_embeddings is not supported on a compressed token embedding: call "
+            "hf_embcomp.decompress(model) (or model.decompress()), resize, then compress again."
+        )
+
+    def decompress(self) -> PreTrainedModel:
+        """Return the stock model (its own class and config) with a dense ``nn.Embedding`` holding E_hat.
+
+        Raises:
+            RuntimeError: a weight could not be carried over (never returns a partly random model).
+        """
+        emb = self.get_compressed_embedding()
+        stock_cfg = self.config.to_backbone_config()
+        new = self._embcomp_stock_class(stock_cfg)
+        prefixes = tuple(f"{n}." for n in self._embcomp_embedding_names + self._embcomp_output_names)
+        sd = {k: v for k, v in self.state_dict().items() if not k.startswith(prefixes)}
+        for n in self._embcomp_output_names:  # the tied projection's bias keeps its stock key
+            out = self.get_submodule(n)
+            if out.bias is not None:
+                sd[f"{n}.bias"] = out.bias
+        weight = emb.reconstruct().detach()
+        for n in self._embcomp_embedding_names:
+            sd[f"{n}.weight"] = weight
+        missing, unexpected = new.load_state_dict(sd, strict=False)
+        new.tie_weights()
+        tied = set(getattr(new, "all_tied_weights_keys", {}) or {})
+        bad_missing = [k for k in missing if k not in tied]
+        if bad_missing or unexpected:
+            raise RuntimeError(f"decompress could not carry over weights: missing {bad_missing}, unexpected {unexpected}")
+        new.to(device=emb.device, dtype=self.dtype)
+        new.train(self.training)
+        return new
+
+
+ENTRY_AUTO_CLASSES = {
+    "EmbCompModel": "AutoModel",
+    "EmbCompForPreTraining": "AutoModelForPreTraining",
+    "EmbCompForMaskedLM": "AutoModelForMaskedLM",
+    "EmbCompForCausalLM": "AutoModelForCausalLM",
+    "EmbCompForSequenceClassification": "AutoModelForSequenceClassification",
+    "EmbCompForTokenClassification": "AutoModelForTokenClassification",
+    "EmbCompForQuestionAnswering": "AutoModelForQuestionAnswering",
+    "EmbCompForMultipleChoice": "AutoModelForMultipleChoice",
+    "EmbCompForNextSentencePrediction": "AutoModelForNextSentencePrediction",
+}
+
+
+class EmbCompModel(EmbCompPreTrainedModel):
+    _embcomp_auto_class = "AutoModel"
+
+
+class EmbCompForPreTraining(EmbCompPreTrainedModel):
+    _embcomp_auto_class = "AutoModelForPreTraining"
+
+
+class EmbCompForMaskedLM(EmbCompPreTrainedModel):
+    _embcomp_auto_class = "AutoModelForMaskedLM"
+
+
+class EmbCompForCausalLM(EmbCompPreTrainedModel):
+    _embcomp_auto_class = "AutoModelForCausalLM"
+
+
+class EmbCompForSequenceClassification(EmbCompPreTrainedModel):
+    _embcomp_auto_class = "AutoModelForSequenceClassification"
+
+
+class EmbCompForTokenClassification(EmbCompPreTrainedModel):
+    _embcomp_auto_class = "AutoModelForTokenClassification"
+
+
+class EmbCompForQuestionAnswering(EmbCompPreTrainedModel):
+    _embcomp_auto_class = "AutoModelForQuestionAnswering"
+
+
+class EmbCompForMultipleChoice(EmbCompPreTrainedModel):
+    _embcomp_auto_class = "AutoModelForMultipleChoice"
+
+
+class EmbCompForNextSentencePrediction(EmbCompPreTrainedModel):
+    _embcomp_auto_class = "AutoModelForNextSentencePrediction"
+
+
+ENTRY_CLASSES = {name: globals()[name] for name in ENTRY_AUTO_CLASSES}
+
+
+def stock_class_for(auto_class_name: str, backbone_model_type: str) -> type | None:
+    """The stock class that ``transformers.<auto_class_name>`` builds for a backbone, or None."""
+    auto = getattr(transformers, auto_class_name)
+    try:
+        stock = auto._model_mapping[CONFIG_MAPPING[backbone_model_type]]
+    except KeyError:
+        return None
+    return stock[0] if isinstance(stock, (tuple, list)) else stock
+
+
+@functools.lru_cache(maxsize=None)
+def embcomp_model_class(entry: type, backbone_model_type: str) -> type:
+    """The cached dynamic class ``(entry, StockHead[, GenerationMixin])`` for one backbone.
+
+    Raises:
+        ValueError: the Auto class has no head for this backbone.
+    """
+    stock = stock_class_for(entry._embcomp_auto_class, backbone_model_type)
+    if stock is None:
+        raise ValueError(
+            f"{entry._embcomp_auto_class} has no class for backbone {backbone_model_type!r}; "
+            f"use one of the Auto classes listed in this checkpoint's config.json auto_map."
+        )
+    bases = (entry, stock) + ((GenerationMixin,) if issubclass(stock, GenerationMixin) else ())
+    bmt = backbone_model_type
+
+    def __init__(self, config, *args, **kwargs):  # noqa: N807
+        with stock_config_view(config, bmt):
+            stock.__init__(self, config, *args, **kwargs)
+            if not getattr(self, "_embcomp_installed", False):  # a stock class that never calls post_init
+                self.post_init()
+
+    no_split = set(getattr(stock, "_no_split_modules", None) or []) | {
+        c.__name__ for c in _layer_classes()
+    }
+    ns = {
+        "__init__": __init__,
+        "__module__": __name__,
+        "__qualname__": f"{entry.__name__}__{bmt}",
+        "_embcomp_stock_class": stock,
+        "_no_split_modules": sorted(no_split),
+    }
+    return type(entry.__name__, bases, ns)
+
+
+def _layer_classes() -> list[type]:
+    from .embcomp_layers import LAYER_CLASSES
+
+    return list(LAYER_CLASSES.values())
+
+
+def auto_map_for(backbone_model_type: str) -> dict[str, str]:
+    """The ``auto_map`` of a checkpoint: AutoConfig plus every Auto class that has a head for the backbone."""
+    auto_map = {"AutoConfig": "configuration_embcomp.EmbCompConfig"}
+    for name, auto in ENTRY_AUTO_CLASSES.items():
+        if stock_class_for(auto, backbone_model_type) is not None:
+            auto_map[auto] = f"modeling_embcomp.{name}"
+    return auto_map
+
+
+def __getattr__(name: str):  # PEP 562: lets pickle find the dynamic classes by their qualname
+    entry, sep, bmt = name.partition("__")
+    if sep and entry in ENTRY_CLASSES:
+        return embcomp_model_class(ENTRY_CLASSES[entry], bmt)
+    raise AttributeError(name)
