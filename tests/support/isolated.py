@@ -14,7 +14,10 @@ import textwrap
 from pathlib import Path
 
 _PRELUDE = '''
-import sys
+import sys, json as _json
+def emit(obj):
+    """Report the result object to the parent process."""
+    print("\\n@@RESULT@@" + _json.dumps(obj), flush=True)
 class _BlockHfEmbcomp:
     def find_spec(self, name, path=None, target=None):
         if name == "hf_embcomp" or name.startswith("hf_embcomp."):
@@ -24,7 +27,8 @@ sys.meta_path.insert(0, _BlockHfEmbcomp())
 
 
 def run_isolated(code: str, tmp_path: Path, timeout: float = 600, env: dict | None = None) -> dict:
-    """Run ``code`` without hf_embcomp; the code must print one JSON object on its last stdout line.
+    """Run ``code`` without hf_embcomp; the code reports one JSON object with ``emit(obj)`` (or prints it
+    as its last stdout line).
 
     Returns that object. Raises AssertionError with the child's stderr if it fails.
     """
@@ -37,5 +41,7 @@ def run_isolated(code: str, tmp_path: Path, timeout: float = 600, env: dict | No
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout, env=e,
                           cwd=str(tmp_path))
     assert proc.returncode == 0, f"isolated run failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+    if "@@RESULT@@" in proc.stdout:
+        return json.loads(proc.stdout.rsplit("@@RESULT@@", 1)[1].strip().splitlines()[0])
     lines = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
     return json.loads(lines[-1])
