@@ -248,12 +248,14 @@ def compress(
         "fit_seconds": round(fit_seconds, 3),
         "fidelity": fid,
     }
-    from .cards import render_card
+    from .cards import has_tokenizer_files, render_card, source_license
     from .io import attach_side_files, prepare_for_save, side_files
 
     files = side_files(Path(source_folder) if source_folder else None, tokenizer)
     files["compression_report.json"] = (json.dumps(new.compression_report, indent=2) + "\n").encode()
-    files["README.md"] = render_card(new.config, new.compression_report).encode()
+    card = render_card(new.config, new.compression_report, license=source_license(block["source_model"], source_folder),
+                       has_tokenizer=has_tokenizer_files(files))
+    files["README.md"] = card.encode()
     attach_side_files(new, files)
     prepare_for_save(new)
     return new
@@ -278,9 +280,15 @@ def decompress(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def load_class_for(config: transformers.PretrainedConfig) -> type:
-    """The stock class named by ``config.architectures`` (the checkpoint's own head), else AutoModel."""
+    """The class to load a source checkpoint with: the stock class named by ``config.architectures``
+    (the checkpoint's own head); without one (GGUF files), the LM head the model type has
+    (causal, then masked), else the base model."""
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    for auto in ("AutoModelForCausalLM", "AutoModelForMaskedLM"):
+        cls = stock_class_for(auto, config.model_type)
         if cls is not None:
             return cls
     return transformers.AutoModel

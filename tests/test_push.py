@@ -4,11 +4,8 @@ driven by the real huggingface_hub client; the pushed repo is loaded back where 
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import huggingface_hub
@@ -25,7 +22,6 @@ from tests.support.fake_hub import FakeHub
 from tests.support.isolated import run_isolated
 
 TOKEN = "hf_fakePushTokenDoNotLeak0123456789"
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- fixtures ---------------------------------------------------------------------------------------------------
@@ -137,18 +133,17 @@ print(json.dumps({{"max_abs_diff": (out.last_hidden_state - expected).abs().max(
 
 
 def _roundtrip(folder: Path, model, tok, hub: FakeHub, tmp: Path, repo_id: str, text: str,
-               base_model: str | None) -> None:
-    """Push ``folder`` with the CLI in a fresh process, check the remote repo and card, load it back."""
+               base_model: str | None, capsys, caplog) -> None:
+    """Push ``folder`` with the CLI, check the remote repo and card, load it back in a fresh process."""
     results = _results(json.loads((folder / "compression_report.json").read_text()))
     (tmp / "results.json").write_text(json.dumps(results))
-    env = {**os.environ, **_client_env(hub, tmp / "push")}
-    proc = subprocess.run([sys.executable, "-m", "hf_embcomp.cli", "-v", "push", str(folder), repo_id,
-                           "--results", str(tmp / "results.json")], capture_output=True, text=True, env=env,
-                          cwd=str(REPO_ROOT), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "INFO hf_embcomp.push: committing" in proc.stderr  # the -v log is there, and holds no token:
-    assert TOKEN not in proc.stdout + proc.stderr
-    assert hub.head(repo_id) in proc.stdout
+    caplog.set_level("DEBUG")
+    rc = cli_main(["-v", "push", str(folder), repo_id, "--results", str(tmp / "results.json")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "committing" in caplog.text  # the log is there, and holds no token:
+    assert TOKEN not in out.out + out.err + caplog.text
+    assert hub.head(repo_id) in out.out
 
     remote = hub.files(repo_id)
     local = _local_files(folder)
@@ -173,24 +168,26 @@ def _roundtrip(folder: Path, model, tok, hub: FakeHub, tmp: Path, repo_id: str, 
     assert out["max_abs_diff"] < 1e-5
     assert out["module"].startswith("transformers_modules.") and not out["hf_embcomp_imported"]
     assert out["tokens"] == tok(text)["input_ids"]
-    assert ("HEAD", f"/{repo_id}/resolve/main/model.safetensors") in hub.requests
+    assert ("GET", f"/{repo_id}/resolve/{hub.head(repo_id)}/model.safetensors") in hub.requests
 
 
 # ---- tests ------------------------------------------------------------------------------------------------------
-def test_push_roundtrip_tiny(tiny, hub, tmp_path):
+def test_push_roundtrip_tiny(tiny, in_process_hub, tmp_path, capsys, caplog):
     folder, model, tok = tiny
-    _roundtrip(folder, model, tok, hub, tmp_path, "tester/tiny-bert-svd-4x", "w1 w2 w17 w999", None)
+    _roundtrip(folder, model, tok, in_process_hub, tmp_path, "tester/tiny-bert-svd-4x", "w1 w2 w17 w999", None,
+               capsys, caplog)
 
 
 @pytest.mark.slow
-def test_push_roundtrip_minilm_svd(minilm_path, hub, tmp_path):
+def test_push_roundtrip_minilm_svd(minilm_path, in_process_hub, tmp_path, capsys, caplog):
     src = hf_embcomp.load_model(minilm_path)
     model = hf_embcomp.compress(src.model, "svd", ratio=8, source="sentence-transformers/all-MiniLM-L6-v2",
                                 tokenizer=src.tokenizer, source_folder=str(minilm_path))
     folder = hf_embcomp.save_compressed(model, tmp_path / "minilm-svd-8x")
-    _roundtrip(folder, model, src.tokenizer, hub, tmp_path, "tester/all-MiniLM-L6-v2-svd-8x",
-               "A compressed embedding still loads from the Hub.", "sentence-transformers/all-MiniLM-L6-v2")
-    card = ModelCard(hub.files("tester/all-MiniLM-L6-v2-svd-8x")["README.md"].decode())
+    _roundtrip(folder, model, src.tokenizer, in_process_hub, tmp_path, "tester/all-MiniLM-L6-v2-svd-8x",
+               "A compressed embedding still loads from the Hub.", "sentence-transformers/all-MiniLM-L6-v2",
+               capsys, caplog)
+    card = ModelCard(in_process_hub.files("tester/all-MiniLM-L6-v2-svd-8x")["README.md"].decode())
     assert card.data.license == ModelCard.load(minilm_path / "README.md").data.license == "apache-2.0"
 
 
@@ -203,7 +200,7 @@ def test_python_api_pushes_model_private_to_branch(tiny, in_process_hub):
     assert info.oid == hub.head("tester/tiny-dev", "dev")
     assert set(hub.files("tester/tiny-dev", "main")) == {".gitattributes"}  # main untouched
     files = hub.files("tester/tiny-dev", "dev")
-    assert {"config.json", "model.safetensors", "modeling_embcomp.py", "vocab.txt", "README.md"} <= set(files)
+    assert {"config.json", "model.safetensors", "modeling_embcomp.py", "tokenizer_config.json", "README.md"} <= set(files)
     assert json.loads(files["results.json"]) == results
     _check_card(files["README.md"].decode(), results, "tester/tiny-dev", None)
     commit = hub.repos["tester/tiny-dev"].commits[info.oid]
@@ -261,18 +258,26 @@ def test_failed_push_leaves_remote_as_it_was(tiny, in_process_hub, capsys, caplo
 
     # An existing repo: every commit attempt fails -> a clear error, the repo unchanged.
     hub.fail("commit", times=push_mod.RETRIES)
-    with pytest.raises(push_mod.PushError, match="500.*nothing was committed, the repo is unchanged") as exc:
+    with pytest.raises(push_mod.PushError, match="HTTP 500 on POST .*commit/main.*injected.*nothing was committed, the repo is unchanged") as exc:
         hf_embcomp.push_to_hub(folder, "tester/existing", results=_results(json.loads(before["compression_report.json"])))
     assert hub.head("tester/existing") == head and hub.files("tester/existing") == before
     chain = [exc.value, exc.value.__cause__]
     assert not any(TOKEN in str(e) or TOKEN in repr(e) for e in chain)
+
+    # A new branch of it: the branch is deleted again.
+    hub.fail("commit", times=push_mod.RETRIES)
+    with pytest.raises(push_mod.PushError, match="the branch created for it was deleted again"):
+        hf_embcomp.push_to_hub(folder, "tester/existing", revision="feature")
+    assert set(hub.repos["tester/existing"].refs) == {"main"} and hub.head("tester/existing") == head
 
     # A new repo: the CLI exits 1 with one line, and no (empty) repo is left behind.
     hub.fail("commit", times=push_mod.RETRIES)
     rc = cli_main(["push", str(folder), "tester/fresh"])
     err = capsys.readouterr().err
     assert rc == 1 and "tester/fresh" not in hub.repos
-    assert err.count("\n") == 1 and "deleted again" in err and TOKEN not in err
+    last = err.strip().splitlines()[-1]  # (after huggingface_hub's upload progress bar)
+    assert last.startswith("hf-embcomp: error: push to tester/fresh@main failed: HTTP 500 on POST") and "deleted again" in last
+    assert TOKEN not in err
     assert TOKEN not in caplog.text and "retrying" in caplog.text
 
 

@@ -28,6 +28,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import yaml
+
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".onnx")
 """Files the server asks to upload through LFS (as the real Hub's default .gitattributes does)."""
 
@@ -90,7 +92,7 @@ class FakeHub:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> "FakeHub":
+    def start(self) -> FakeHub:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="fake-hub", daemon=True)
@@ -103,10 +105,10 @@ class FakeHub:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:  # noqa: PYI034 - FakeHub is not subclassed
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def fail(self, endpoint: str, times: int = 1, status: int = 500) -> None:
@@ -146,11 +148,11 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence the default stderr log
+        def log_message(self, format: str, *args: Any) -> None:
             pass
 
         # ---- plumbing -------------------------------------------------------------------------------------
-        def _body(self) -> bytes:
+        def _read_body(self) -> bytes:
             if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
                 out = bytearray()
                 while True:
@@ -221,6 +223,8 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def _dispatch(self) -> None:
             path = urlsplit(self.path).path
             hub.requests.append((self.command, path))
+            # Read the whole body first: an answer that leaves it unread would corrupt the keep-alive stream.
+            self.body = self._read_body()
             for method, pattern, fn in ROUTES:
                 if method == self.command or (method == "GET" and self.command == "HEAD"):
                     m = re.fullmatch(pattern, path)
@@ -234,7 +238,7 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def create_repo(self) -> None:
             if self._need_auth() or self._injected("create"):
                 return
-            payload = json.loads(self._body() or b"{}")
+            payload = json.loads(self.body or b"{}")
             repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
             if payload.get("type", "model") != "model":
                 return self._error(400, None, "fake hub: only model repos")
@@ -252,7 +256,7 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def delete_repo(self) -> None:
             if self._need_auth():
                 return
-            payload = json.loads(self._body() or b"{}")
+            payload = json.loads(self.body or b"{}")
             repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
             with hub._lock:
                 if hub.repos.pop(repo_id, None) is None:
@@ -303,7 +307,7 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             r = self._repo(repo, write=True)
             if r is None:
                 return
-            payload = json.loads(self._body() or b"{}")
+            payload = json.loads(self.body or b"{}")
             with hub._lock:
                 if rev in r.refs:
                     return self._error(409, None, f"Branch {rev} already exists")
@@ -313,11 +317,20 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 r.refs[rev] = start.sha
             self._json(200, {})
 
+        def delete_branch(self, repo: str, rev: str) -> None:
+            r = self._repo(repo, write=True)
+            if r is None:
+                return
+            with hub._lock:
+                if rev == "main" or r.refs.pop(rev, None) is None:
+                    return self._error(404 if rev != "main" else 403, "RevisionNotFound", f"cannot delete branch {rev}")
+            self._json(200, {})
+
         def preupload(self, repo: str, rev: str) -> None:
             r = self._repo(repo, write=True)
             if r is None or self._injected("preupload"):
                 return
-            payload = json.loads(self._body())
+            payload = json.loads(self.body)
             files = [{"path": f["path"], "uploadMode": "lfs" if f["path"].endswith(LFS_SUFFIXES) else "regular",
                       "shouldIgnore": False, "oid": None} for f in payload["files"]]
             self._json(200, {"files": files, "commitOid": r.refs.get(rev)})
@@ -326,7 +339,7 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             r = self._repo(repo, write=True)
             if r is None or self._injected("lfs-batch"):
                 return
-            payload = json.loads(self._body())
+            payload = json.loads(self.body)
             objects = []
             for obj in payload["objects"]:
                 item: dict[str, Any] = {"oid": obj["oid"], "size": obj["size"]}
@@ -336,7 +349,7 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self._json(200, {"transfer": "basic", "objects": objects})
 
         def lfs_put(self, oid: str) -> None:
-            data = self._body()
+            data = self.body
             if hashlib.sha256(data).hexdigest() != oid:
                 return self._error(400, None, "sha256 mismatch")
             with hub._lock:
@@ -347,7 +360,7 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             r = self._repo(repo, write=True)
             if r is None or self._injected("commit"):
                 return
-            lines = [json.loads(ln) for ln in self._body().splitlines() if ln.strip()]
+            lines = [json.loads(ln) for ln in self.body.splitlines() if ln.strip()]
             header = next((ln["value"] for ln in lines if ln["key"] == "header"), None)
             if header is None:
                 return self._error(400, None, "commit without header")
@@ -401,8 +414,17 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self._send(200, data, headers, "application/octet-stream")
 
         def validate_yaml(self) -> None:
-            self._body()
-            self._json(200, {"errors": [], "warnings": []})
+            """Parse the card's YAML header as the Hub does; answer JSON even without errors (the client reads it)."""
+            content = json.loads(self.body)["content"]
+            m = re.match(r"^---\s*\n(.*?)\n---\s*\n", content, re.DOTALL)
+            try:
+                meta = yaml.safe_load(m.group(1)) if m else None
+            except yaml.YAMLError as e:
+                return self._json(400, {"errors": [{"message": f"invalid YAML: {e}"}], "warnings": []})
+            if m and not isinstance(meta, dict):
+                return self._json(400, {"errors": [{"message": "metadata must be a mapping"}], "warnings": []})
+            warnings = [] if meta else [{"message": "empty or missing yaml metadata in repo card"}]
+            self._json(200, {"errors": [], "warnings": warnings})
 
         def whoami(self) -> None:
             if self._need_auth():
@@ -419,6 +441,7 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         ("GET", rf"/api/models/{_REPO}/revision/{_REV}", Handler.model_info),
         ("GET", rf"/api/models/{_REPO}/tree/{_REV}(?:/(?P<sub>.*))?", Handler.tree),
         ("POST", rf"/api/models/{_REPO}/branch/{_REV}", Handler.create_branch),
+        ("DELETE", rf"/api/models/{_REPO}/branch/{_REV}", Handler.delete_branch),
         ("POST", rf"/api/models/{_REPO}/preupload/{_REV}", Handler.preupload),
         ("POST", rf"/api/models/{_REPO}/commit/{_REV}", Handler.commit),
         ("POST", rf"/{_REPO}\.git/info/lfs/objects/batch", Handler.lfs_batch),
