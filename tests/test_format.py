@@ -35,6 +35,7 @@ def saved(tmp_path_factory) -> dict:
             hidden = comp.base_model(input_ids=ids).last_hidden_state
         d = root / arch
         hf_embcomp.save_compressed(comp, d)
+        stock.save_pretrained(root / f"{arch}_stock")
         torch.save({"ids": ids, "logits": logits, "hidden": hidden}, root / f"{arch}.pt")
         out[arch] = (d, stock, comp, ids, root / f"{arch}.pt")
     return out
@@ -95,7 +96,15 @@ for arch, (d, refp) in dirs.items():
         if auto_name == "AutoConfig":
             continue
         auto = getattr(transformers, auto_name)
-        model, info = auto.from_pretrained(d, trust_remote_code=True, output_loading_info=True)
+        try:
+            model, info = auto.from_pretrained(d, trust_remote_code=True, output_loading_info=True)
+        except ValueError as e:
+            assert "does not match the checkpoint" in str(e), str(e)
+            # refused only where the stock head also loses the token embedding from the stock checkpoint
+            _, stock_info = auto.from_pretrained(d + "_stock", output_loading_info=True)
+            assert any("emb" in k or "wte" in k for k in stock_info["missing_keys"]), (arch, auto_name, stock_info)
+            rows.append([auto_name, "refused"])
+            continue
         stock = auto._model_mapping[CONFIG_MAPPING[bmt]]
         stock = stock[0] if isinstance(stock, tuple) else stock
         assert isinstance(model, stock), (arch, auto_name, type(model).__mro__)
@@ -104,11 +113,6 @@ for arch, (d, refp) in dirs.items():
         with torch.no_grad():
             if target.endswith("." + saved_head):
                 diff = float((model(input_ids=ref["ids"]).logits - ref["logits"]).abs().max())
-            elif any("lowrank" in k for k in info["missing_keys"]):
-                # stock quirk (e.g. Llama QA has base_model_prefix 'transformer'): backbone missing in stock too
-                out = model.base_model(input_ids=ref["ids"]).last_hidden_state
-                assert torch.isfinite(out).all()
-                diff = None
             else:
                 out = model.base_model(input_ids=ref["ids"]).last_hidden_state
                 diff = float((out - ref["hidden"]).abs().max())
@@ -137,10 +141,10 @@ emit(report)
         diffs = {name: diff for name, diff in r["rows"]}
         assert len(diffs) >= 4, (arch, diffs)
         for name, diff in diffs.items():
-            if diff is not None:
+            if diff != "refused":
                 assert diff < 1e-5, (arch, name, diff)
         # the saved head and AutoModel are always compared
-        assert diffs["AutoModel"] is not None, arch
+        assert diffs["AutoModel"] != "refused", arch
 
 
 def test_tied_logits_are_computed_from_the_compressed_module(saved):

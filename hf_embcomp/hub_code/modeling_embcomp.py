@@ -80,7 +80,21 @@ class EmbCompPreTrainedModel(PreTrainedModel):
                 if not bmt:
                     raise ValueError(f"{pretrained_model_name_or_path} is not an hf-embcomp checkpoint (no backbone_model_type).")
             return embcomp_model_class(cls, bmt).from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+        # Strict: a compressed embedding with a missing, unexpected or mismatched tensor is never used.
+        prefixes = tuple(f"{n}." for n in model._embcomp_embedding_names)
+        bad = {
+            kind: sorted(k if isinstance(k, str) else k[0] for k in info.get(kind, ()) if (k if isinstance(k, str) else k[0]).startswith(prefixes))
+            for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+        }
+        if any(bad.values()):
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: the compressed token embedding does not match the checkpoint "
+                f"({', '.join(f'{k}: {v}' for k, v in bad.items() if v)}); the model would be silently wrong. "
+                "Re-save it with hf-embcomp, or load it with the head it was saved with."
+            )
+        return (model, info) if want_info else model
 
     # --- the swap ------------------------------------------------------------------------------
     def post_init(self):
