@@ -70,6 +70,7 @@ class _Steps:
 def cmd_compress(args: argparse.Namespace) -> int:
     import hf_embcomp
     from hf_embcomp.io import atomic_output_dir, load_model
+    from hf_embcomp.methods.base import check_ratio
 
     out = Path(args.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
@@ -81,6 +82,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
             hp[k] = v
     if args.method not in hf_embcomp.METHODS:
         raise UserError(f"unknown method {args.method!r}; choose one of: {', '.join(sorted(hf_embcomp.METHODS))}.")
+    if args.ratio is not None:
+        check_ratio(args.ratio)  # cheap checks before the model is loaded
+    if args.quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     steps = _Steps(["load", "fit", "save"], quiet=args.quiet)
     try:
         src = steps.step("load", lambda: load_model(args.model, gguf_file=args.gguf_file, revision=args.revision))

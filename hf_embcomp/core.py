@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -112,9 +113,13 @@ def method_config(method: str, num_embeddings: int, embedding_dim: int, ratio: f
     """
     cfg_cls = get_method(method).config_class
     hp = {k: v for k, v in hyperparameters.items() if v is not None}
-    if ratio is not None:
-        return cfg_cls.from_ratio(num_embeddings, embedding_dim, ratio, **hp)
+    known = {f.name for f in dataclasses.fields(cfg_cls)}
+    unknown = sorted(set(hp) - known)
+    if unknown:
+        raise ValueError(f"unknown hyper-parameter(s) {unknown} for {method}; known: {', '.join(sorted(known))}.")
     try:
+        if ratio is not None:
+            return cfg_cls.from_ratio(num_embeddings, embedding_dim, ratio, **hp)
         return cfg_cls(**hp)
     except TypeError as e:
         raise ValueError(f"bad hyper-parameters for {method}: {e}") from None

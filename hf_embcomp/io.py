@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from .core import load_class_for
 
@@ -117,7 +117,13 @@ def load_model(
     if revision:
         kw["revision"] = revision
     try:
+        if not gguf_file:
+            raw, _ = PretrainedConfig.get_config_dict(target, **kw)
+            if raw.get("model_type") == "embcomp":
+                raise SourceError(f"{name} is already compressed by hf-embcomp; compress its source model instead.")
         config = AutoConfig.from_pretrained(target, **kw)
+    except SourceError:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure to read the config is a user-facing error
         raise SourceError(f"cannot read a transformers config from {name}: {str(e).splitlines()[0]}") from None
     if config.model_type == "embcomp":

@@ -13,6 +13,7 @@ stock attribute, property and default keeps working (``isinstance(config, BertCo
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 from transformers import CONFIG_MAPPING, PretrainedConfig
@@ -84,11 +85,33 @@ def validate_compression_block(block: Any) -> None:
     missing = [k for k in _REQUIRED_FIELDS if k not in block]
     if missing:
         raise ValueError(f"config.json 'embedding_compression' lacks {missing}; re-save the model with hf-embcomp.")
-    if int(block["format_version"]) > FORMAT_VERSION:
+
+    def _int(name: str, lo: int) -> int:
+        v = block[name]
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"config.json 'embedding_compression.{name}' must be an integer >= {lo} (got {v!r}).")
+        return v
+
+    if _int("format_version", 1) > FORMAT_VERSION:
         raise ValueError(
             f"embedding_compression format_version {block['format_version']} is newer than this runtime code "
             f"({FORMAT_VERSION}); load the repository's own code (trust_remote_code=True) or upgrade hf-embcomp."
         )
+    num = _int("num_embeddings", 1)
+    _int("embedding_dim", 1)
+    if not isinstance(block["method"], str):
+        raise ValueError(f"config.json 'embedding_compression.method' must be a string (got {block['method']!r}).")
+    if not isinstance(block.get("hyperparameters", {}), dict):
+        raise ValueError("config.json 'embedding_compression.hyperparameters' must be an object.")
+    if block.get("storage_dtype", "float32") not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"config.json 'embedding_compression.storage_dtype' {block.get('storage_dtype')!r} is not "
+                         "float32, float16 or bfloat16.")
+    pad = block.get("padding_idx")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not -num <= pad < num):
+        raise ValueError(f"config.json 'embedding_compression.padding_idx' {pad!r} is not a token id.")
+    scale = block.get("embed_scale")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+        raise ValueError(f"config.json 'embedding_compression.embed_scale' {scale!r} is not a finite number.")
 
 
 @functools.lru_cache(maxsize=None)

@@ -46,6 +46,11 @@ class CompressedEmbedding(nn.Module):
     Deliberately not an ``nn.Embedding`` subclass: stock init and resize code test ``isinstance(m,
     nn.Embedding)`` and would touch a ``.weight`` that does not exist.
 
+    Frozen by default: every parameter registered on the module (at construction and when
+    ``from_pretrained`` loads it) gets ``requires_grad=False`` unless the block says ``"trainable": true``
+    or :meth:`set_trainable` was called, so fine-tuning the rest of a model leaves the stored embedding as
+    it was. Integer codes are buffers and never train.
+
     Subclasses (one per method) implement :meth:`allocate` (shapes only: it runs on the meta device),
     :meth:`embed`, :meth:`compute_logits`, :meth:`reconstruct` and :meth:`reset_parameters`.
 
@@ -66,8 +71,27 @@ class CompressedEmbedding(nn.Module):
         self.embed_scale = None if scale is None else float(scale)
         self.storage_dtype = getattr(torch, block.get("storage_dtype", "float32"))
         self.hparams = dict(block.get("hyperparameters", {}))
+        self.trainable = bool(block.get("trainable", False))
         self._register_state_dict_hook(_cast_to_storage)
         self.allocate()
+        self._layout = {
+            name: (tuple(t.shape), t.is_floating_point() or t.dtype)
+            for name, t in list(self.named_parameters(recurse=False)) + list(self.named_buffers(recurse=False))
+        }
+
+    def check_layout(self) -> None:
+        """Check that every tensor still has the shape (and integer dtype) the config implies.
+
+        Raises:
+            ValueError: a tensor was loaded with another shape or dtype (the checkpoint does not match).
+        """
+        for name, t in list(self.named_parameters(recurse=False)) + list(self.named_buffers(recurse=False)):
+            shape, kind = self._layout[name]
+            if tuple(t.shape) != shape or (kind is not True and t.dtype != kind) or (kind is True and not t.is_floating_point()):
+                raise ValueError(
+                    f"compressed embedding tensor {name!r} has shape {tuple(t.shape)} / {t.dtype}, the config implies "
+                    f"{shape} / {'a float dtype' if kind is True else kind}: the checkpoint does not match its config.json."
+                )
 
     # --- to implement per method -------------------------------------------------------------
     def allocate(self) -> None:
@@ -97,6 +121,19 @@ class CompressedEmbedding(nn.Module):
             init.normal_(p, mean=0.0, std=0.02)
 
     # --- shared ------------------------------------------------------------------------------
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        # Loading replaces parameters with new ones (requires_grad=True): apply the trainable flag here.
+        if param is not None and not getattr(self, "trainable", False):
+            param.requires_grad_(False)
+        super().register_parameter(name, param)
+
+    def set_trainable(self, enabled: bool = True) -> None:
+        """Train (True) or freeze (False) every floating-point parameter of this module; buffers (codes)
+        are never trained."""
+        self.trainable = bool(enabled)
+        for p in self.parameters():
+            p.requires_grad_(self.trainable and p.is_floating_point())
+
     @property
     def device(self) -> torch.device:
         for t in self.parameters():

@@ -94,6 +94,7 @@ class EmbCompPreTrainedModel(PreTrainedModel):
                 f"({', '.join(f'{k}: {v}' for k, v in bad.items() if v)}); the model would be silently wrong. "
                 "Re-save it with hf-embcomp, or load it with the head it was saved with."
             )
+        model.get_compressed_embedding().check_layout()
         return (model, info) if want_info else model
 
     # --- the swap ------------------------------------------------------------------------------
@@ -125,9 +126,12 @@ class EmbCompPreTrainedModel(PreTrainedModel):
                 f"embedding_compression block describes {block['num_embeddings']} x {block['embedding_dim']}: "
                 "config.json is inconsistent; re-save the model with hf-embcomp."
             )
-        block.setdefault("padding_idx", old.padding_idx)
-        if block.get("embed_scale") is None:
-            block["embed_scale"] = scale
+        for key, stock_value in (("padding_idx", old.padding_idx), ("embed_scale", scale)):
+            if block.get(key) != stock_value:
+                raise ValueError(
+                    f"embedding_compression.{key} is {block.get(key)!r} but the backbone's token embedding has "
+                    f"{stock_value!r}: config.json is inconsistent; re-save the model with hf-embcomp."
+                )
         emb_names = [n for n, m in self.named_modules(remove_duplicate=False) if m is old]
 
         # Tie declarations of every sub-model, expanded BEFORE the swap (expansion may search real names).
@@ -192,6 +196,12 @@ class EmbCompPreTrainedModel(PreTrainedModel):
     def get_compressed_embedding(self) -> CompressedEmbedding:
         """The compressed token-embedding module."""
         return self.get_submodule(self._embcomp_embedding_names[0])
+
+    def set_embedding_trainable(self, enabled: bool = True) -> None:
+        """Train (True) or freeze (False, the default after loading) the real-valued tensors of the
+        compressed embedding (factors, decoders, codebooks); integer codes stay fixed. The stored format
+        and byte size do not change either way. The load-time default is ``embedding_compression.trainable``."""
+        self.get_compressed_embedding().set_trainable(enabled)
 
     def resize_token_embeddings(self, *args: Any, **kwargs: Any):
         raise NotImplementedError(
