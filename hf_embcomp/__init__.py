@@ -6,10 +6,12 @@ Public API::
     small = hf_embcomp.compress(model, method="svd", ratio=8)   # returns a new model
     small.save_pretrained("out")                                # loads with trust_remote_code=True
     dense = hf_embcomp.decompress(small)                        # the stock class again
+    hf_embcomp.trainable_parts(small, "real")                   # fine-tune the embedding too (default: frozen)
     hf_embcomp.push_to_hub(small, "user/name", results="results.json")  # one commit, with a model card
 """
 
 from .core import CompressionError, compress, decompress, fidelity, is_compressed
+from .finetune import TrainableParts, trainable_parts
 from .methods import METHODS, RatioError, get_method
 from .io import load_model, save_compressed
 from .push import push_to_hub
@@ -18,6 +20,7 @@ __all__ = [
     "METHODS",
     "CompressionError",
     "RatioError",
+    "TrainableParts",
     "compress",
     "decompress",
     "fidelity",
@@ -26,5 +29,6 @@ __all__ = [
     "load_model",
     "push_to_hub",
     "save_compressed",
+    "trainable_parts",
 ]
 __version__ = "0.1.0"

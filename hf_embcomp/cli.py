@@ -103,7 +103,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                 source_dtype=src.embedding_dtype,
                 source_embedding_bytes=src.embedding_bytes,
                 tokenizer=src.tokenizer,
-                source_folder=str(src.folder) if src.folder else None,
+                source_folder=str(src.folder) if src.folder and not src.gguf_file else None,
                 device=args.device,
                 **hp,
             ),

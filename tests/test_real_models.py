@@ -150,6 +150,9 @@ def test_smollm2_gguf_tied_head_reload_and_generate(tmp_path, smollm_gguf):
     with safe_open(str(d / "model.safetensors"), "pt") as f:
         big = [k for k in f.keys() if tuple(f.get_slice(k).get_shape()) == (49152, 576)]
     assert big == []  # the tied head is computed from the compressed module, no dense copy
+    cfg = json.loads((d / "config.json").read_text())
+    assert "quantization_config" not in cfg  # saved dequantized: the GGUF quantization does not carry over
+    assert not list(d.glob("__init__.py"))
     report = json.loads((d / "compression_report.json").read_text())
     assert report["compression_ratio"] >= 8 and report["compression_ratio_vs_source"] < report["compression_ratio"]
 

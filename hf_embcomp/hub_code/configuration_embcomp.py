@@ -23,6 +23,8 @@ FORMAT_VERSION = 1
 
 _EMBCOMP_KEYS = ("backbone_model_type", "embedding_compression")
 _STOCK_DROP_KEYS = ("model_type", "architectures", "auto_map", "transformers_version")
+# A compressed model is saved dequantized: the source's quantization_config (e.g. GGUF) does not apply.
+_BUILD_DROP_KEYS = _STOCK_DROP_KEYS + ("quantization_config",)
 
 
 class EmbCompConfig(PretrainedConfig):
@@ -54,7 +56,7 @@ class EmbCompConfig(PretrainedConfig):
         """Build the compressed model's config from a stock config and an ``embedding_compression`` block."""
         bmt = stock_config.model_type
         d = stock_config.to_dict()
-        for k in _STOCK_DROP_KEYS:
+        for k in _BUILD_DROP_KEYS:
             d.pop(k, None)
         d["backbone_model_type"] = bmt
         d["embedding_compression"] = dict(compression)

@@ -24,19 +24,39 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return (b << _BIT_SHIFTS.to(b.device)).sum(-1, dtype=torch.uint8)
 
 
+_UNPACK_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _unpack_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The 256 x 8 table byte -> its bits (MSB first) in ``dtype`` on ``device``, built once."""
+    table = _UNPACK_TABLES.get((dtype, device))
+    if table is None:
+        byte = torch.arange(256, dtype=torch.uint8).unsqueeze(-1)
+        table = ((byte >> _BIT_SHIFTS) & 1).to(device=device, dtype=dtype)
+        _UNPACK_TABLES[(dtype, device)] = table
+    return table
+
+
 def unpack_bits(packed: torch.Tensor, num_bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Unpack uint8 [..., nbytes] into a {0,1} tensor [..., num_bits] of ``dtype`` (vectorised shifts)."""
-    bits = (packed.unsqueeze(-1) >> _BIT_SHIFTS.to(packed.device)) & 1
-    return bits.reshape(*packed.shape[:-1], -1)[..., :num_bits].to(dtype)
+    """Unpack uint8 [..., nbytes] into a {0,1} tensor [..., num_bits] of ``dtype``.
+
+    One ``index_select`` of a 256 x 8 table (byte -> its 8 bits, already in ``dtype``): 2-3x faster on CPU
+    than shifting and casting (bench/speed.py, "bit unpacking"), and the same result.
+    """
+    table = _unpack_table(dtype, packed.device)
+    bits = table.index_select(0, packed.reshape(-1).to(torch.int32)).reshape(*packed.shape[:-1], -1)
+    return bits if bits.shape[-1] == num_bits else bits[..., :num_bits].contiguous()
 
 
 def _cast_to_storage(module: "CompressedEmbedding", state_dict: dict, prefix: str, local_metadata: Any) -> None:
     # Floating tensors are written in the storage dtype of the compression block, whatever the in-memory
     # dtype, so that a re-saved (or fine-tuned) model keeps the stored bytes it was compressed to.
+    # Meta tensors are left alone: from_pretrained reads the meta model's state dict to choose the load
+    # dtype of every tensor, and the embedding must load in the model's dtype (as the rest of the model).
     for name, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
         key = prefix + name
         t = state_dict.get(key)
-        if t is not None and t.is_floating_point() and t.dtype != module.storage_dtype:
+        if t is not None and t.is_floating_point() and t.dtype != module.storage_dtype and not t.is_meta:
             state_dict[key] = t.detach().to(module.storage_dtype)
 
 

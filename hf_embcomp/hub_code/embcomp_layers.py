@@ -10,9 +10,17 @@ from typing import Any
 
 from .embcomp_base import CompressedEmbedding, EmbCompTiedLogits
 from .embcomp_svd import LowRankEmbedding
+from .embcomp_lighttoken import LightTokenEmbedding
+from .embcomp_direction import DirectionEmbedding
+from .embcomp_distilled import DistilledEmbedding
+from .embcomp_dccl import CompositionalCodeEmbedding
 
 LAYER_CLASSES: dict[str, type[CompressedEmbedding]] = {
     "svd": LowRankEmbedding,
+    "lighttoken": LightTokenEmbedding,
+    "direction": DirectionEmbedding,
+    "distilled": DistilledEmbedding,
+    "dccl": CompositionalCodeEmbedding,
 }
 
 __all__ = ["CompressedEmbedding", "EmbCompTiedLogits", "LAYER_CLASSES", "build_compressed_embedding"]
@@ -30,4 +38,10 @@ def build_compressed_embedding(block: dict[str, Any]) -> CompressedEmbedding:
             f"embedding_compression method {method!r} is unknown to this runtime code (known: "
             f"{sorted(LAYER_CLASSES)}); load the repository's own code or upgrade hf-embcomp."
         )
-    return LAYER_CLASSES[method](block)
+    try:
+        return LAYER_CLASSES[method](block)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"embedding_compression.hyperparameters of method {method!r} are invalid ({type(e).__name__}: {e}); "
+            "re-save the model with hf-embcomp."
+        ) from None

@@ -36,6 +36,7 @@ def train_rows(
     max_grad_norm: float | None = None,
     desc: str = "fit",
     accelerator: Accelerator | None = None,
+    on_epoch_end: Callable[[int, nn.Module], None] | None = None,
 ) -> list[float]:
     """Train ``module`` with Adam on minibatches of the rows of a matrix.
 
@@ -46,6 +47,8 @@ def train_rows(
         epochs, batch_size, lr: the schedule; rows are reshuffled every epoch by a seeded generator.
         lr_decay_every: StepLR period in epochs (None: constant lr); ``lr_decay`` its gamma.
         max_grad_norm: global-norm gradient clipping (None: off).
+        on_epoch_end: called as ``on_epoch_end(epoch, module)`` (unwrapped module, eval mode) after every
+            epoch, e.g. for checkpoint selection on a held-out criterion.
 
     Returns:
         The mean loss of each epoch (floats).
@@ -80,6 +83,11 @@ def train_rows(
         history.append(total / n)
         bar.set_postfix(loss=f"{history[-1]:.4g}")
         logger.info("%s epoch %d/%d loss %.6g", desc, epoch + 1, epochs, history[-1])
+        if on_epoch_end is not None:
+            module.eval()
+            with torch.no_grad():
+                on_epoch_end(epoch, acc.unwrap_model(module))
+            module.train()
     bar.close()
     module.eval()
     return history

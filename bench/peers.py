@@ -1,0 +1,197 @@
+"""The tools users would pick instead of hf-embcomp, as functions E -> reconstruction, with their bytes
+counted the way design.md §4 counts ours: every byte needed to rebuild the matrix.
+
+- per-row scalar quantisation (absmax, symmetric, one fp16 scale a row; 1 bit = sign with an fp16 mean and
+  scale a row), in torch: codes V*d*b/8 + scales. Its ratio is fixed by the bit width (not solvable).
+- faiss-cpu product quantisation (PQ, M sub-quantisers of 8 bits): codes V*M + codebooks 2^8 * d at fp16
+  (the codebooks are rounded to fp16 and the rebuild uses the rounded ones).
+- faiss-cpu residual quantisation (RQ, M stages of 8 bits, beam search): codes V*M + M * 2^8 * d fp16.
+
+Each solver picks the largest size whose bytes meet the requested ratio (ratio >= requested).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+class PeerUnavailable(RuntimeError):
+    """The peer cannot run here (library missing) or cannot meet the ratio."""
+
+
+@dataclass
+class PeerResult:
+    name: str
+    library: str
+    reconstruction: torch.Tensor
+    stored_bytes: int
+    fit_seconds: float
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+# --- scalar quantisation ------------------------------------------------------------------------------
+
+SCALAR_BITS = (8, 4, 2, 1)
+
+
+def scalar_bytes(V: int, d: int, bits: int) -> int:
+    per_row = 1 if bits == 8 else 2  # int8: one fp16 scale; int4 / int2 / sign: fp16 scale + fp16 offset
+    return V * math.ceil(d * bits / 8) + 2 * per_row * V
+
+
+CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+
+
+def scalar_quantise(E: torch.Tensor, bits: int) -> PeerResult:
+    """Per-row scalar quantisation, the usual recipes:
+
+    - 8 bits: symmetric absmax, one fp16 scale a row (torch / bitsandbytes / torchao / quanto int8);
+    - 4 and 2 bits: affine (asymmetric) with an fp16 scale and an fp16 offset a row, the clipping range
+      picked per row from a small grid by squared error (as llama.cpp / HQQ-style quantisers search it);
+    - 1 bit: sign codes with an fp16 row mean and an fp16 scale (mean absolute deviation).
+    """
+    t0 = time.perf_counter()
+    V, d = E.shape
+    if bits == 1:
+        mean = E.mean(1, keepdim=True).half().float()
+        c = E - mean
+        scale = c.abs().mean(1, keepdim=True).half().float()
+        rec = torch.where(c >= 0, scale, -scale) + mean
+        how = "sign, fp16 mean + fp16 scale per row"
+    elif bits == 8:
+        qmax = 2 ** (bits - 1) - 1
+        scale = (E.abs().amax(1, keepdim=True) / qmax).clamp(min=1e-12).half().float()
+        rec = torch.clamp(torch.round(E / scale), -qmax - 1, qmax) * scale
+        how = "symmetric absmax, fp16 scale per row"
+    else:
+        levels = 2**bits - 1
+        lo0, hi0 = E.amin(1, keepdim=True), E.amax(1, keepdim=True)
+        mid = (lo0 + hi0) / 2
+        best, best_err = None, None
+        for c in CLIP_GRID:
+            lo = (mid + (lo0 - mid) * c).half().float()
+            scale = ((hi0 - lo0) * c / levels).clamp(min=1e-12).half().float()
+            r = torch.clamp(torch.round((E - lo) / scale), 0, levels) * scale + lo
+            err = ((r - E) ** 2).sum(1, keepdim=True)
+            if best is None:
+                best, best_err = r, err
+            else:
+                better = err < best_err
+                best = torch.where(better, r, best)
+                best_err = torch.minimum(err, best_err)
+        rec = best
+        how = "affine, fp16 scale + fp16 offset per row, clip searched per row"
+    return PeerResult(f"int{bits}-row" if bits > 1 else "sign-row", "torch", rec, scalar_bytes(V, d, bits),
+                      time.perf_counter() - t0, {"bits": bits, "scheme": how})
+
+
+# --- faiss PQ / RQ ------------------------------------------------------------------------------------
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as e:  # pragma: no cover
+        raise PeerUnavailable("faiss-cpu is not installed (pip install 'hf-embcomp[bench]')") from e
+    return faiss
+
+
+def pq_bytes(V: int, d: int, M: int, nbits: int = 8) -> int:
+    return V * math.ceil(M * nbits / 8) + (2**nbits) * d * 2
+
+
+def solve_pq(V: int, d: int, ratio: float, nbits: int = 8) -> int:
+    """Largest M (a divisor of d) whose PQ bytes meet ``ratio``."""
+    budget = V * d * 4 / ratio
+    ok = [M for M in range(1, d + 1) if d % M == 0 and pq_bytes(V, d, M, nbits) <= budget]
+    if not ok:
+        raise PeerUnavailable(f"PQ cannot reach {ratio:g}x on {V} x {d} (codebooks alone exceed the budget)")
+    return max(ok)
+
+
+def _train_sample(x: np.ndarray, train_rows: int | None) -> np.ndarray:
+    if not train_rows or train_rows >= len(x):
+        return x
+    idx = np.random.default_rng(0).choice(len(x), train_rows, replace=False)
+    return np.ascontiguousarray(x[np.sort(idx)])
+
+
+def product_quantise(E: torch.Tensor, ratio: float, nbits: int = 8, threads: int | None = None,
+                     train_rows: int | None = None) -> PeerResult:
+    faiss = _faiss()
+    faiss.omp_set_num_threads(threads or 1)  # OpenMP spin-waits badly on an oversubscribed machine
+    V, d = E.shape
+    M = solve_pq(V, d, ratio, nbits)
+    x = np.ascontiguousarray(E.numpy().astype(np.float32))
+    t0 = time.perf_counter()
+    pq = faiss.ProductQuantizer(d, M, nbits)
+    pq.train(_train_sample(x, train_rows))
+    codes = pq.compute_codes(x)
+    fit = time.perf_counter() - t0
+    cent = faiss.vector_to_array(pq.centroids).reshape(M, 2**nbits, d // M).astype(np.float16).astype(np.float32)
+    if nbits != 8:
+        raise PeerUnavailable("only 8-bit PQ codes are decoded here")
+    idx = codes.astype(np.int64)  # [V, M]
+    rec = np.concatenate([cent[m][idx[:, m]] for m in range(M)], axis=1)
+    return PeerResult(f"faiss-PQ {M}x{nbits}b", "faiss-cpu " + faiss.__version__, torch.from_numpy(rec),
+                      pq_bytes(V, d, M, nbits), fit, {"M": M, "nbits": nbits, "codebooks": "fp16"})
+
+
+def rq_bytes(V: int, d: int, M: int, nbits: int = 8) -> int:
+    return V * math.ceil(M * nbits / 8) + M * (2**nbits) * d * 2
+
+
+def solve_rq(V: int, d: int, ratio: float, nbits: int = 8) -> int:
+    budget = V * d * 4 / ratio
+    M = 0
+    while rq_bytes(V, d, M + 1, nbits) <= budget:
+        M += 1
+    if M < 1:
+        raise PeerUnavailable(f"RQ cannot reach {ratio:g}x on {V} x {d}")
+    return M
+
+
+def residual_quantise(E: torch.Tensor, ratio: float, nbits: int = 8, max_stages: int = 16, beam: int = 1,
+                      threads: int | None = None, train_rows: int | None = None) -> PeerResult:
+    """faiss ResidualQuantizer (additive codebooks trained stage by stage, beam search encoding)."""
+    faiss = _faiss()
+    faiss.omp_set_num_threads(threads or 1)
+    V, d = E.shape
+    M = solve_rq(V, d, ratio, nbits)
+    if M > max_stages:
+        raise PeerUnavailable(f"RQ needs {M} stages at {ratio:g}x; over --rq-max-stages {max_stages} (training too slow here)")
+    x = np.ascontiguousarray(E.numpy().astype(np.float32))
+    t0 = time.perf_counter()
+    rq = faiss.ResidualQuantizer(d, M, nbits)
+    rq.max_beam_size = beam
+    rq.train(_train_sample(x, train_rows))
+    codes = rq.compute_codes(x)  # packed; with nbits = 8 one byte per stage
+    fit = time.perf_counter() - t0
+    cb = faiss.vector_to_array(rq.codebooks).reshape(M, 2**nbits, d).astype(np.float16).astype(np.float32)
+    idx = codes.astype(np.int64)[:, :M]
+    rec = np.zeros((V, d), dtype=np.float32)
+    for m in range(M):
+        rec += cb[m][idx[:, m]]
+    return PeerResult(f"faiss-RQ {M}x{nbits}b", "faiss-cpu " + faiss.__version__, torch.from_numpy(rec),
+                      rq_bytes(V, d, M, nbits), fit, {"M": M, "nbits": nbits, "beam": beam, "codebooks": "fp16"})
+
+
+# --- registry -----------------------------------------------------------------------------------------
+
+# name -> (kind, function). kind "fixed": one point at the bit width's own ratio; "ratio": solved per ratio.
+PEERS: dict[str, tuple[str, Callable[..., PeerResult]]] = {
+    "int8-row": ("fixed", lambda E, r, **kw: scalar_quantise(E, 8)),
+    "int4-row": ("fixed", lambda E, r, **kw: scalar_quantise(E, 4)),
+    "int2-row": ("fixed", lambda E, r, **kw: scalar_quantise(E, 2)),
+    "sign-row": ("fixed", lambda E, r, **kw: scalar_quantise(E, 1)),
+    "faiss-pq": ("ratio", lambda E, r, **kw: product_quantise(E, r, threads=kw.get("threads"),
+                                                              train_rows=kw.get("train_rows"))),
+    "faiss-rq": ("ratio", lambda E, r, **kw: residual_quantise(E, r, max_stages=kw.get("rq_max_stages", 16),
+                                                               threads=kw.get("threads"), train_rows=kw.get("train_rows"))),
+}

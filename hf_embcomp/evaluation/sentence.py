@@ -1,0 +1,86 @@
+"""Sentence embeddings: agreement with the uncompressed model, and a sentiment linear probe.
+
+Sentences are the Rotten Tomatoes sentences of the vader-sentiment sdist (:func:`hf_embcomp.data.rotten_tomatoes`,
+fixed-seed split). Embeddings are mean-pooled last hidden states over the attention mask, L2-normalised
+(as all-MiniLM-L6-v2 / all-mpnet-base-v2 do).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score
+from tqdm.auto import tqdm
+
+from .. import data
+from .context import EvalContext, SuiteSkipped
+from .results import result
+
+logger = logging.getLogger(__name__)
+
+SPLIT = (3000, 1500)
+"""(train, test) sentences of the Rotten Tomatoes probe; ``--quick``: :data:`QUICK_SPLIT`."""
+QUICK_SPLIT = (500, 200)
+COSINE_SENTENCES = 1500
+"""Test sentences compared between the two models; ``--quick``: :data:`QUICK_COSINE_SENTENCES`."""
+QUICK_COSINE_SENTENCES = 200
+DATASET = {"id": "vader-sentiment/rotten-tomatoes", "name": "Rotten Tomatoes sentences (Hutto & Gilbert, 2014)"}
+
+
+@torch.no_grad()
+def encode(model: torch.nn.Module, tokenizer: Any, sentences: list[str], batch_size: int = 64, max_length: int = 128,
+           desc: str = "encoding") -> np.ndarray:
+    """Mean-pooled, L2-normalised sentence embeddings.
+
+    Returns:
+        float32 [len(sentences), hidden_size].
+    """
+    device = next(model.parameters()).device
+    out = []
+    for i in tqdm(range(0, len(sentences), batch_size), desc=desc, unit="batch"):
+        enc = tokenizer(sentences[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt").to(device)
+        hidden = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        out.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
+    return torch.cat(out).numpy()
+
+
+def probe_accuracy(train_x: np.ndarray, train_y: list[int], test_x: np.ndarray, test_y: list[int], seed: int = 0) -> float:
+    """Test accuracy of a scikit-learn LogisticRegression fitted on frozen embeddings."""
+    clf = LogisticRegression(max_iter=2000, random_state=seed).fit(train_x, train_y)
+    return float(accuracy_score(test_y, clf.predict(test_x)))
+
+
+def run(ctx: EvalContext) -> list[dict[str, Any]]:
+    """Mean cosine between compressed and uncompressed embeddings of the same sentences, and the probe
+    accuracy of each model.
+
+    Raises:
+        SuiteSkipped: the model is not a sentence-embedding model (no ``modules.json``).
+    """
+    if not ctx.is_sentence_transformer():
+        raise SuiteSkipped(f"{ctx.compressed.name} is not a sentence-transformers model (no modules.json)")
+    n_train, n_test = QUICK_SPLIT if ctx.quick else SPLIT
+    n_cos = QUICK_COSINE_SENTENCES if ctx.quick else COSINE_SENTENCES
+    train, test = data.rotten_tomatoes(n_train, n_test, ctx.seed)
+    tok = ctx.tokenizer()
+    emb = {}
+    for which in ("baseline", "compressed"):
+        model = ctx.load(which)
+        emb[which] = (encode(model, tok, list(train.sentences), desc=f"sentence: {which} train"),
+                      encode(model, tok, list(test.sentences), desc=f"sentence: {which} test"))
+        del model
+    cos = float((emb["baseline"][1][:n_cos] * emb["compressed"][1][:n_cos]).sum(1).mean())
+    acc = {w: probe_accuracy(e[0], list(train.labels), e[1], list(test.labels), ctx.seed) for w, e in emb.items()}
+    return [
+        result("sentence", "embedding_cosine", "sentence-similarity", DATASET | {"split": "test", "n": min(n_cos, n_test)},
+               "cosine_to_uncompressed", 1.0, cos, True, ctx.settings),
+        result("sentence", "sentiment_probe", "text-classification", DATASET | {"split": "test", "n": n_test}, "accuracy",
+               acc["baseline"], acc["compressed"], True, ctx.settings | {"train": n_train, "probe": "LogisticRegression"}),
+    ]

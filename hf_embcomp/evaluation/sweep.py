@@ -1,0 +1,136 @@
+"""Compress and evaluate a grid of (method, ratio) cells, resumably, and draw the Pareto plot.
+
+Layout of the sweep folder::
+
+    OUT/<method>-x<ratio>/model/              the compressed repository
+    OUT/<method>-x<ratio>/eval_results.json   its results (schema: hf_embcomp.evaluation.results)
+    OUT/pareto.png                            one panel per metric: ratio (log x) vs value, a line per method,
+                                              the uncompressed value as a dashed horizontal line
+
+A cell whose ``eval_results.json`` exists and validates is not recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..io import Source, save_compressed
+from . import evaluate
+from .cli import RESULTS_FILE
+from .results import load_results, write_results
+
+logger = logging.getLogger(__name__)
+
+PLOT_FILE = "pareto.png"
+
+
+def cell_dir(out: Path, method: str, ratio: float) -> Path:
+    """Folder of one (method, ratio) cell: ``OUT/<method>-x<ratio>``."""
+    return out / f"{method}-x{ratio:g}"
+
+
+def run_sweep(
+    load_source: Callable[[], Source],
+    methods: list[str],
+    ratios: list[float],
+    out: str | Path,
+    suites: tuple[str, ...],
+    **evaluate_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Compress the source with every method at every ratio and evaluate each cell.
+
+    Args:
+        load_source: returns the loaded source model; called once, only if some cell must be computed.
+        methods: registered method names.
+        ratios: compression ratios vs fp32.
+        out: the sweep folder (created).
+        suites: evaluation suites for every cell.
+        **evaluate_kwargs: passed to :func:`hf_embcomp.evaluation.evaluate` (quick, max_steps, ...).
+
+    Returns:
+        The results documents of all cells, in grid order.
+
+    Raises:
+        ValueError / RatioError / CompressionError: from compress or evaluate (the finished cells stay).
+    """
+    import hf_embcomp
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    docs, src = [], None
+    for method, ratio in tqdm([(m, r) for m in methods for r in ratios], desc="sweep", unit="cell"):
+        cell = cell_dir(out, method, ratio)
+        path = cell / RESULTS_FILE
+        if path.is_file():
+            try:
+                docs.append(load_results(path))
+                logger.info("%s: done before, not recomputed", cell.name)
+                continue
+            except ValueError as e:
+                logger.warning("%s: unreadable results (%s), recomputing", cell.name, e)
+        src = src or load_source()
+        model = hf_embcomp.compress(
+            src.model, method, ratio,
+            source=src.name if src.gguf_file is None else f"{src.name}::{src.gguf_file}",
+            source_revision=src.revision, source_dtype=src.embedding_dtype, source_embedding_bytes=src.embedding_bytes,
+            tokenizer=src.tokenizer, source_folder=str(src.folder) if src.folder else None,
+        )
+        save_compressed(model, cell / "model", overwrite=True)
+        del model
+        doc, skipped = evaluate(str(cell / "model"), suites=suites, **evaluate_kwargs)
+        for suite, why in skipped.items():
+            logger.warning("%s: suite %s skipped: %s", cell.name, suite, why)
+        write_results(doc, path)
+        docs.append(doc)
+    return docs
+
+
+def plot_sweep(docs: list[dict[str, Any]], path: str | Path) -> Path:
+    """The Pareto plot: a panel per (suite, task, metric), x = compression ratio (log), y = the compressed
+    model's value, one line per method, the uncompressed value as a dashed horizontal line.
+
+    Raises:
+        ValueError: no results to plot.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple[str, str, str], dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    baseline: dict[tuple[str, str, str], float] = {}
+    for doc in docs:
+        for r in doc["results"]:
+            key = (r["suite"], r["task"], r["metric"])
+            series[key][doc["method"]].append((doc["compression_ratio"], r["compressed"]))
+            baseline.setdefault(key, r["baseline"])
+    if not series:
+        raise ValueError("no results to plot")
+    n = len(series)
+    cols = min(3, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, (key, by_method) in zip(axes.flat, sorted(series.items())):
+        for method, pts in sorted(by_method.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        ax.axhline(baseline[key], color="black", linestyle="--", linewidth=1, label="uncompressed")
+        ax.set_xscale("log")
+        ax.set_xlabel("compression ratio (vs fp32)")
+        ax.set_title(f"{key[0]} / {key[1]}", fontsize=10)
+        ax.set_ylabel(key[2])
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,67 @@
+"""Compositional-code token embedding (Shu & Nakayama, ICLR 2018): E_hat[w] = sum_i codebooks[i, c_w^i].
+
+Runtime code: ships in every compressed model repository; imports only torch and sibling files.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .embcomp_base import CompressedEmbedding, unpack_bits
+
+
+def code_weights(bits: int) -> torch.Tensor:
+    """Place values (MSB first) that turn ``bits`` unpacked bits into one code: int64 [bits]."""
+    return 2 ** torch.arange(bits - 1, -1, -1, dtype=torch.int64)
+
+
+def _code_shifts(bits: int) -> torch.Tensor:
+    return torch.arange(bits - 1, -1, -1, dtype=torch.uint8)
+
+
+class CompositionalCodeEmbedding(CompressedEmbedding):
+    """M codebooks of K = 2**bits codewords; token w is the sum of one codeword of each codebook.
+
+    Tensors: ``codes`` uint8 [V, ceil(M * bits / 8)] (persistent buffer; token w's M codes of ``bits``
+    bits each, concatenated and bit-packed MSB first), ``codebooks`` float [M, K, d].
+    Hyper-parameters: ``num_codebooks`` (M), ``bits`` (log2 K).
+    """
+
+    method = "dccl"
+
+    def allocate(self) -> None:
+        m, bits = int(self.hparams["num_codebooks"]), int(self.hparams["bits"])
+        self.register_buffer("codes", torch.zeros(self.num_embeddings, (m * bits + 7) // 8, dtype=torch.uint8))
+        self.codebooks = nn.Parameter(torch.empty(m, 2**bits, self.embedding_dim))
+
+    def reset_parameters(self, init=None) -> None:
+        init = init or nn.init
+        init.normal_(self.codebooks, mean=0.0, std=0.02)
+        init.zeros_(self.codes)
+
+    def unpack_codes(self, packed: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """uint8 [..., nbytes] -> codes [..., M] in [0, K) of ``dtype`` (uint8 arithmetic: K <= 256)."""
+        m, bits = self.codebooks.shape[0], int(self.hparams["bits"])
+        b = unpack_bits(packed, m * bits, torch.uint8).reshape(*packed.shape[:-1], m, bits)
+        return (b << _code_shifts(bits).to(b.device)).sum(-1, dtype=torch.uint8).to(dtype)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        m, k, d = self.codebooks.shape
+        codes = self.unpack_codes(self.codes[input_ids])  # [..., M]
+        flat = codes + torch.arange(m, device=codes.device) * k  # index into the M*K codewords
+        return self.codebooks.reshape(m * k, d)[flat].sum(-2)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden @ E_hat^T: project on every codeword once (P = hidden @ codebooks^T, [..., M, K]), then each
+        # token's logit is the sum of its M entries of P: O(V * M) gathers, the V x d matrix is never built.
+        hidden = hidden.to(self.codebooks.dtype)
+        codes = self.unpack_codes(self.codes, torch.uint8)  # [V, M], 1 byte a code
+        proj = torch.einsum("...d,mkd->...mk", hidden, self.codebooks)
+        logits = proj[..., 0, :].index_select(-1, codes[:, 0].long())
+        for i in range(1, codes.shape[1]):
+            logits = logits + proj[..., i, :].index_select(-1, codes[:, i].long())
+        return logits
+
+    def reconstruct(self) -> torch.Tensor:
+        return self.embed(torch.arange(self.num_embeddings, device=self.codes.device))

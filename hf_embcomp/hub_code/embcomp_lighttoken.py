@@ -1,0 +1,133 @@
+"""LightToken token embedding: low-rank part + residual binary codes with a linear decoder.
+
+E_hat[w] = P[w] Q^T + W_d b_w + c, with P: V x k, Q: d x k, b_w in {0,1}^M the concatenated hash codes
+of all residual stages (stored bit-packed, 8 codes a byte, most significant bit first), W_d: d x M the
+concatenated stage decoders and c: d the summed decoder biases (Wang et al., KDD 2023; this project's
+reading, see ``hf_embcomp/methods/lighttoken.py``).
+
+Runtime code: ships in every compressed model repository; imports only torch and sibling files.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .embcomp_base import CompressedEmbedding, unpack_bits
+
+
+class LightTokenEmbedding(CompressedEmbedding):
+    """Rows decoded on the fly from the packed codes; no V x d matrix is built for a lookup.
+
+    Tensors: ``lowrank_p`` float [V, k] (= U_k S_k) and ``lowrank_q`` float [d, k] (= V_k), absent when
+    k = 0; ``codes`` uint8 [V, ceil(M/8)] (persistent buffer); ``decoder`` float [d, M];
+    ``decoder_bias`` float [d].
+    Hyper-parameters: ``rank`` (k), ``bits`` (bits of each stage; M = their sum).
+
+    Tied output heads: :meth:`compute_logits` evaluates ``(h Q) P^T + (h W_d) B^T + h.c`` over chunks of
+    the vocabulary (the unpacked codes of one chunk at a time), never building E_hat. Call
+    :meth:`materialize` to cache the dense E_hat instead (faster per token when k + M >= d, at the memory
+    of a V x d float matrix; :meth:`logits_cost` gives both costs). The cache is not saved and is dropped
+    by ``materialize(False)``; re-materialise after changing the parameters.
+    """
+
+    method = "lighttoken"
+    logits_chunk = 8192
+
+    @property
+    def rank(self) -> int:
+        return int(self.hparams.get("rank", 0))
+
+    @property
+    def stage_bits(self) -> list[int]:
+        bits = self.hparams["bits"]
+        if isinstance(bits, int):
+            return [bits] * int(self.hparams.get("stages", 1))
+        return [int(b) for b in bits]
+
+    @property
+    def num_bits(self) -> int:
+        return sum(self.stage_bits)
+
+    def allocate(self) -> None:
+        V, d, k, m = self.num_embeddings, self.embedding_dim, self.rank, self.num_bits
+        if k > 0:
+            self.lowrank_p = nn.Parameter(torch.empty(V, k))
+            self.lowrank_q = nn.Parameter(torch.empty(d, k))
+        self.register_buffer("codes", torch.empty(V, (m + 7) // 8, dtype=torch.uint8), persistent=True)
+        self.decoder = nn.Parameter(torch.empty(d, m))
+        self.decoder_bias = nn.Parameter(torch.empty(d))
+        self._dense: torch.Tensor | None = None
+
+    def reset_parameters(self, init: Any = None) -> None:
+        init = init or nn.init
+        for p in self.parameters(recurse=False):
+            init.normal_(p, mean=0.0, std=0.02)
+        init.zeros_(self.codes)
+
+    # --- decoding ------------------------------------------------------------------------------
+    def _bits(self, packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return unpack_bits(packed, self.num_bits, dtype)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self._dense is not None:
+            return F.embedding(input_ids, self._dense)
+        w = self.decoder
+        out = F.linear(self._bits(self.codes[input_ids], w.dtype), w, self.decoder_bias)
+        if self.rank > 0:
+            out = out + F.embedding(input_ids, self.lowrank_p, self.padding_idx) @ self.lowrank_q.T
+        return out
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self.decoder
+        hidden = hidden.to(w.dtype)
+        if self._dense is not None:
+            return hidden @ self._dense.T
+        hw = hidden @ w  # [..., M]
+        hq = hidden @ self.lowrank_q if self.rank > 0 else None  # [..., k]
+        hc = hidden @ self.decoder_bias  # [...]
+        parts = []
+        for i in range(0, self.num_embeddings, self.logits_chunk):
+            b = self._bits(self.codes[i : i + self.logits_chunk], w.dtype)  # [c, M]
+            part = hw @ b.T
+            if hq is not None:
+                part = part + hq @ self.lowrank_p[i : i + self.logits_chunk].T
+            parts.append(part)
+        return torch.cat(parts, dim=-1) + hc.unsqueeze(-1)
+
+    def reconstruct(self) -> torch.Tensor:
+        w = self.decoder
+        out = F.linear(self._bits(self.codes, w.dtype), w, self.decoder_bias)
+        if self.rank > 0:
+            out = out + self.lowrank_p @ self.lowrank_q.T
+        return out
+
+    # --- dense cache ---------------------------------------------------------------------------
+    def materialize(self, enabled: bool = True) -> None:
+        """Cache (``enabled``) or drop the dense E_hat used by lookups and tied logits."""
+        if enabled:
+            with torch.no_grad():
+                self._dense = self.reconstruct().detach()
+        else:
+            self._dense = None
+
+    def _apply(self, fn, *args, **kwargs):  # keep the cache on the module's device/dtype
+        out = super()._apply(fn, *args, **kwargs)
+        if self._dense is not None:
+            self._dense = fn(self._dense)
+        return out
+
+    def logits_cost(self) -> dict[str, Any]:
+        """Multiply-adds per output token of tied logits, factored vs dense, and the extra memory of dense."""
+        V, d, k, m = self.num_embeddings, self.embedding_dim, self.rank, self.num_bits
+        factored = d * (k + m + 1) + V * (k + m)
+        dense = d * V
+        return {
+            "factored_macs_per_token": factored,
+            "dense_macs_per_token": dense,
+            "dense_extra_bytes": V * d * 4,
+            "cheaper": "dense (materialize)" if dense < factored else "factored",
+        }

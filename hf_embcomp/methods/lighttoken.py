@@ -1,0 +1,429 @@
+"""LightToken: low-rank approximation + residual binary autoencoder + a direction-aware loss.
+
+Paper: Wang, Li, Jiang, Wang, Tang, Bi, Cheng, Yin, Wang, Zhao, Gao, "LightToken: A Task and
+Model-agnostic Lightweight Token Embedding Framework for Pre-trained Language Models", KDD 2023. No code
+is public and the full text was not available; this is the project's reconstruction from the abstract,
+the authors' blog post and ../shared/docs/methods.md §1. Runtime module:
+``hub_code/embcomp_lighttoken.py`` (``LightTokenEmbedding``).
+
+Equations followed
+------------------
+1. Low-rank part (paper: "rank-k SVD"): E_k = P Q^T with P = U_k S_k (V x k), Q = V_k (d x k), computed
+   from the eigendecomposition of E^T E in float64 (the same factors as a truncated SVD, cheaper for
+   V >> d). Residual R_1 = E - E_k.
+2. Residual binary autoencoder, stages s = 1..S (paper: "residual hashing", "tempered sigmoid", "trained
+   to a point short of saturation, then trained on the residual between the old residual and the new
+   hash code", "the final hash code is a concatenation"):
+   z = W_e r + b_e (m_s outputs), soft code h = sigmoid(beta z), decoder r_hat = W_d h + b_d (linear).
+   beta grows geometrically from ``beta_start`` to ``beta_end`` over the stage's epochs and stops there,
+   short of saturation (the share of soft codes within 0.05 of 0/1 is logged). Hash code b = 1[z > 0].
+   Stage s+1 trains on R_{s+1} = R_s - (W_d b + b_d), the residual left by the HARD codes.
+3. Reconstruction: e_hat = P_w Q^T + W_d b_w + c with W_d = [W_d^1 ... W_d^S] (d x M, M = sum m_s), the
+   codes of all stages concatenated and bit-packed (uint8, MSB first) and c = sum_s b_d^s.
+4. Loss (paper: "a fresh reconstruction loss, which serves as an upper limit for Euclidean distance" and
+   stresses "alignment ... by recalibrating cosine similarity"; formula not public):
+   L = (|e| - |e_hat|)^2 + lam |e| |e_hat| (1 - cos(e, e_hat)), lam >= 2 (lam = 2: squared error),
+   :func:`hf_embcomp.losses.lighttoken_loss`.
+
+This project's open choices
+---------------------------
+- Loss target: the FULL row e vs e_hat (low-rank part + earlier stages' hard decodes + this stage's soft
+  decode), not the residual alone: the cosine the paper stresses is the one of the embedding.
+- lam: default 2, from a sweep lam in {2, 4, 8} at 25x on MiniLM (bench/lighttoken_vs_svd.py --sweep);
+  see the report of issue 3.
+- beta schedule: geometric ``beta_start`` -> ``beta_end`` (1 -> 8) over the first 80 % of a stage's
+  epochs, then held. At 8 about 60 % of the soft codes lie within 0.05 of 0/1 ("short of saturation");
+  beta_end = 30 (90 % saturated) gave row cos 0.843 vs 0.845 at 25x on MiniLM.
+- Stages S and bits per stage m_s: picked by the budget solver (the bits split as evenly as possible).
+  Measured at 25x on MiniLM (lam 4, 12 epochs): S = 1 (408 bits) row cos 0.827, S = 2 (208 + 200) 0.845,
+  S = 3 0.844; k = 0 0.845, k = 4 0.828, k = 8 0.808 - this matrix is not low-rank (peers.md), so
+  the fp16 bytes of P buy less than codes do, and the solver's rule takes the smallest rank of its grid.
+- Training init (ours): encoder rows are random directions scaled to unit-variance projections and
+  centred on their median (balanced bits); the decoder starts as the least-squares fit to the initial
+  soft codes. Random-projection codes + least squares alone give row cos 0.791 at 25x; training adds
+  ~0.055.
+- Refit (not in the paper's description; a least-squares solve is exact for a linear decoder with fixed
+  codes): after each stage the stage decoder is refit to its hard codes, and at the end the whole
+  decoder [W_d, c] and then P (given Q) are refit jointly, twice. Squared error can only go down; the
+  fit logs the gain.
+- What the ratio counts (design.md §4): every stored tensor, P, Q, W_d, c at ``dtype`` and the packed codes;
+  ratio = V d 4 bytes / stored bytes. The encoders are training-only and are not stored.
+- Budget solver: every (dtype, k, S) of a small grid with the largest M (a multiple of 8) that fits the
+  budget; when the weight is at hand the candidates are scored by a short probe fit on a row sample
+  (held-out row cosine) and the best kept; without it, a rule measured on MiniLM and SmolLM2 is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..hub_code.embcomp_base import pack_bits
+from ..losses import lighttoken_loss
+from .base import DTYPE_BYTES, CompressionMethod, MethodConfig, RatioError, check_ratio, register_method, round_to_dtype
+from .training import train_rows
+
+logger = logging.getLogger(__name__)
+
+RANK_GRID = (0, 4, 8, 16, 32)
+STAGE_GRID = (1, 2, 3)
+DTYPE_GRID = ("float16", "float32")
+PROBE_ROWS = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class LightTokenConfig(MethodConfig):
+    """Attributes:
+        rank: k of the low-rank part (0: codes only).
+        bits: code bits of each stage: an int (the same for every stage) or a tuple (one per stage).
+        stages: S, the number of residual stages (ignored when ``bits`` is a tuple).
+        lam: lambda of the loss (>= 2; 2 is squared error).
+        beta_start, beta_end: the tempered-sigmoid temperature schedule of each stage (geometric).
+        epochs: epochs per stage over the V rows; batch_size, lr: Adam minibatch schedule.
+        refit: least-squares refit of the decoders (and of P) to the hard codes.
+        dtype: storage dtype of P, Q, the decoder and its bias (default float16).
+    """
+
+    dtype: str = "float16"
+    rank: int = 0
+    bits: Any = 192
+    stages: int = 2
+    lam: float = 2.0
+    beta_start: float = 1.0
+    beta_end: float = 8.0
+    epochs: int = 12
+    batch_size: int = 256
+    lr: float = 3e-3
+    refit: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        bits = self.bits
+        if isinstance(bits, (list, tuple)):
+            bits = tuple(int(b) for b in bits)
+            object.__setattr__(self, "stages", len(bits))
+        else:
+            bits = int(bits)
+        object.__setattr__(self, "bits", bits)
+        if int(self.rank) < 0:
+            raise ValueError(f"rank must be >= 0 (got {self.rank}).")
+        if int(self.stages) < 1 or min(self.stage_bits) < 1:
+            raise ValueError(f"need >= 1 stage of >= 1 bit (got stages={self.stages}, bits={self.bits}).")
+        if self.lam < 2.0:
+            raise ValueError(f"lam must be >= 2 (the loss then upper-bounds the squared error); got {self.lam}.")
+        if not 0 < self.beta_start <= self.beta_end:
+            raise ValueError(f"need 0 < beta_start <= beta_end (got {self.beta_start}, {self.beta_end}).")
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs must be >= 0, batch_size >= 1 and lr > 0.")
+
+    @property
+    def stage_bits(self) -> tuple[int, ...]:
+        if isinstance(self.bits, tuple):
+            return self.bits
+        return (self.bits,) * int(self.stages)
+
+    @property
+    def num_bits(self) -> int:
+        return sum(self.stage_bits)
+
+    def stored_bytes(self, num_embeddings: int, embedding_dim: int) -> int:
+        V, d, k, m = num_embeddings, embedding_dim, self.rank, self.num_bits
+        return self.dtype_bytes * (k * (V + d) + d * m + d) + V * ((m + 7) // 8)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        hp = dataclasses.asdict(self)
+        hp["bits"] = list(self.stage_bits)
+        return hp
+
+    # --- budget solver -----------------------------------------------------------------------
+    @staticmethod
+    def max_bits(num_embeddings: int, embedding_dim: int, budget: float, rank: int, dtype: str) -> int:
+        """The largest total code bits M (a multiple of 8) with stored bytes <= budget (0 if none)."""
+        V, d, b = num_embeddings, embedding_dim, DTYPE_BYTES[dtype]
+        left = budget - b * (rank * (V + d) + d)
+        if left <= 0:
+            return 0
+        m = 8 * int(left // (V + 8 * b * d))  # 8 bits cost V bytes of codes + 8 d decoder entries
+        while m > 0 and b * (rank * (V + d) + d * m + d) + V * ((m + 7) // 8) > budget:
+            m -= 8
+        return max(m, 0)
+
+    @classmethod
+    def candidates(cls, num_embeddings: int, embedding_dim: int, ratio: float, **overrides: Any) -> list["LightTokenConfig"]:
+        """Every config of the solver's grid that meets ``ratio`` (respecting the given overrides)."""
+        V, d = num_embeddings, embedding_dim
+        budget = V * d * 4 / ratio
+        dtypes = [overrides["dtype"]] if overrides.get("dtype") else list(DTYPE_GRID)
+        bits = overrides.get("bits")
+        if isinstance(bits, (list, tuple)):
+            stage_grid = [len(bits)]
+        else:
+            stage_grid = [int(overrides["stages"])] if overrides.get("stages") else list(STAGE_GRID)
+        out = []
+        for dtype in dtypes:
+            for stages in stage_grid:
+                if bits is not None:
+                    probe = cls(**{**overrides, "dtype": dtype, "stages": stages, "rank": 0})
+                    if overrides.get("rank") is not None:
+                        ranks = [int(overrides["rank"])]
+                    else:  # the largest rank the bits leave room for
+                        left = budget - probe.stored_bytes(V, d)
+                        ranks = [max(0, min(int(left // (DTYPE_BYTES[dtype] * (V + d))), min(V, d)))]
+                    for k in ranks:
+                        c = dataclasses.replace(probe, rank=k)
+                        if c.stored_bytes(V, d) <= budget:
+                            out.append(c)
+                    continue
+                ranks = [int(overrides["rank"])] if overrides.get("rank") is not None else [r for r in RANK_GRID if r < d]
+                for k in ranks:
+                    m = cls.max_bits(V, d, budget, k, dtype)
+                    if m < 8 * stages:
+                        continue
+                    per = [m // (8 * stages) * 8] * stages  # whole bytes per stage where possible
+                    for i in range((m - sum(per)) // 8):
+                        per[i] += 8
+                    rest = {k2: v for k2, v in overrides.items() if k2 not in ("bits", "stages", "rank", "dtype")}
+                    out.append(cls(**rest, dtype=dtype, rank=k, bits=tuple(per), stages=stages))
+        return out
+
+    @classmethod
+    def from_ratio(cls, num_embeddings: int, embedding_dim: int, ratio: float, *, weight: torch.Tensor | None = None,
+                   **overrides: Any) -> "LightTokenConfig":
+        """Solve k, the stages, the bits per stage and the dtype so that the stored bytes meet ``ratio``.
+
+        With ``weight`` (E, float [V, d]) the grid's candidates are scored by a short probe fit on a row
+        sample and the best is returned; without it a measured rule picks (see the module docstring).
+
+        Raises:
+            RatioError: no configuration reaches the ratio (the message gives the reachable range).
+        """
+        ratio = check_ratio(ratio)
+        V, d = num_embeddings, embedding_dim
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        cands = cls.candidates(V, d, ratio, **overrides)
+        if not cands:
+            smallest = cls(**{**overrides, "rank": overrides.get("rank", 0), "bits": overrides.get("bits", 8),
+                              "stages": overrides.get("stages", 1), "dtype": overrides.get("dtype", "float16")})
+            max_ratio = V * d * 4 / smallest.stored_bytes(V, d)
+            raise RatioError(
+                f"lighttoken cannot reach ratio {ratio:g} for a {V} x {d} embedding with {overrides or 'defaults'}: "
+                f"the reachable range is 1 < ratio <= {max_ratio:.1f}."
+            )
+        if len(cands) == 1:
+            return cands[0]
+        if weight is None:
+            return _rule_pick(cands)
+        return _probe_pick(weight, cands)
+
+
+def _rule_pick(cands: list[LightTokenConfig]) -> LightTokenConfig:
+    """Measured rule (MiniLM, SmolLM2 at 25x and 100x): float16, the smallest rank, 2 stages."""
+
+    def key(c: LightTokenConfig):
+        return (c.dtype != "float16", c.rank, abs(c.stages - 2))
+
+    return min(cands, key=key)
+
+
+def _probe_pick(weight: torch.Tensor, cands: list[LightTokenConfig]) -> LightTokenConfig:
+    gen = torch.Generator().manual_seed(cands[0].seed)
+    V = weight.shape[0]
+    idx = torch.randperm(V, generator=gen).to(weight.device)
+    n = min(PROBE_ROWS, V // 2)
+    train, test = weight[idx[:n]].float(), weight[idx[n : 2 * n]].float()
+    scores = []
+    for c in cands:
+        t0 = time.perf_counter()
+        probe = dataclasses.replace(c, epochs=max(4, c.epochs), refit=True)
+        fitted = _fit(train, probe, holdout=test, log=False)
+        scores.append(fitted["holdout_cos"])
+        logger.info("lighttoken probe %s k=%d bits=%s: held-out row cos %.4f (%.1fs)", c.dtype, c.rank,
+                    c.stage_bits, scores[-1], time.perf_counter() - t0)
+    return cands[max(range(len(cands)), key=lambda i: scores[i])]
+
+
+# --- fitting --------------------------------------------------------------------------------------
+class _Stage(nn.Module):
+    def __init__(self, d: int, m: int) -> None:
+        super().__init__()
+        self.enc = nn.Linear(d, m)
+        self.dec = nn.Linear(m, d)
+
+
+def _lstsq(codes: torch.Tensor, target: torch.Tensor, chunk: int = 32768) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [d, m], c [d] minimising ||target - codes W^T - c||_F^2 (normal equations solved in float64).
+
+    The products are float32 per chunk (exact for {0,1} codes), accumulated in float64; tiny ridge.
+    """
+    n, m = codes.shape
+    dev = codes.device
+    G = torch.zeros(m + 1, m + 1, dtype=torch.float64, device=dev)
+    C = torch.zeros(m + 1, target.shape[1], dtype=torch.float64, device=dev)
+    for i in range(0, n, chunk):
+        a = torch.cat([codes[i : i + chunk].float(), torch.ones(min(chunk, n - i), 1, device=dev)], 1)
+        G += (a.T @ a).double()
+        C += (a.T @ target[i : i + chunk].float()).double()
+    G += torch.eye(m + 1, dtype=torch.float64) * (1e-8 * G.diagonal().mean() + 1e-12)
+    sol = torch.linalg.solve(G, C)
+    return sol[:m].T.float().contiguous(), sol[m].float().contiguous()
+
+
+def _lowrank(weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """P = E Q [V, k], Q = top-k right singular vectors [d, k] (eigh of E^T E in float64)."""
+    if k == 0:
+        return weight.new_zeros(weight.shape[0], 0), weight.new_zeros(weight.shape[1], 0)
+    gram = weight.double().T @ weight.double()
+    _, vecs = torch.linalg.eigh(gram)
+    q = vecs[:, -k:].flip(1).float().contiguous()
+    return weight @ q, q
+
+
+def _row_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)
+
+
+def _fit(weight: torch.Tensor, cfg: LightTokenConfig, holdout: torch.Tensor | None = None, log: bool = True) -> dict:
+    """Fit all parts. Returns the float32 tensors (rounded to cfg.dtype), the hard codes and statistics."""
+    E = weight.float()
+    V, d = E.shape
+    k = cfg.rank
+    stats: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    P, Q = _lowrank(E, k)
+    Q = round_to_dtype(Q, cfg.dtype)
+    P = E @ Q
+    base = P @ Q.T
+    resid = E - base
+    all_codes, decs, biases, encs = [], [], [], []
+    for s, m in enumerate(cfg.stage_bits):
+        gen = torch.Generator().manual_seed(cfg.seed * 1009 + s)
+        stage = _Stage(d, m)
+        with torch.no_grad():
+            # init: random directions scaled to unit-variance projections, centred on the median (balanced
+            # bits); decoder = least squares on the initial soft codes
+            w = torch.randn(m, d, generator=gen).to(E.device)
+            proj = resid @ w.T
+            scale = proj.std(0).clamp_min(1e-8)
+            stage.enc.weight.copy_(w / scale[:, None])
+            stage.enc.bias.copy_(-(proj / scale).median(0).values)
+            soft = torch.sigmoid(cfg.beta_start * (resid @ stage.enc.weight.T + stage.enc.bias))
+            W, c = _lstsq(soft, resid)
+            stage.dec.weight.copy_(W)
+            stage.dec.bias.copy_(c)
+        beta_ratio = cfg.beta_end / cfg.beta_start
+
+        def step(module: nn.Module, batch: torch.Tensor, progress: float) -> torch.Tensor:
+            e, b0 = batch[:, :d], batch[:, d:]
+            beta = cfg.beta_start * beta_ratio ** min(1.0, progress / 0.8)
+            h = torch.sigmoid(beta * module.enc(e - b0))
+            return lighttoken_loss(e, b0 + module.dec(h), cfg.lam)
+
+        if cfg.epochs > 0:
+            train_rows(stage, torch.cat([E, E - resid], 1), step, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                       lr=cfg.lr, seed=cfg.seed * 1009 + s, desc=f"lighttoken stage {s + 1}/{cfg.stages}")
+        stage.to(E.device)  # train_rows may have moved it to the accelerator's device
+        with torch.no_grad():
+            z = resid @ stage.enc.weight.T + stage.enc.bias
+            soft = torch.sigmoid(cfg.beta_end * z)
+            sat = float(((soft < 0.05) | (soft > 0.95)).float().mean())
+            hard = (z > 0).float()
+            dec_w, dec_b = stage.dec.weight.detach().clone(), stage.dec.bias.detach().clone()
+            before = resid - (hard @ dec_w.T + dec_b)
+            if cfg.refit:
+                dec_w, dec_b = _lstsq(hard, resid)
+            after = resid - (hard @ dec_w.T + dec_b)
+            e_now = E - after
+            st = {
+                "bits": m,
+                "saturation": sat,
+                "bit_balance": float(hard.mean()),
+                "rel_frob_hard": float(before.norm() / E.norm()),
+                "rel_frob_refit": float(after.norm() / E.norm()),
+                "row_cos": float(_row_cos(E, e_now).mean()),
+            }
+            stats[f"stage{s + 1}"] = st
+            if log:
+                logger.info("lighttoken stage %d: %s", s + 1, st)
+            resid = after
+            all_codes.append(hard)
+            decs.append(dec_w)
+            biases.append(dec_b)
+            encs.append((stage.enc.weight.detach().clone(), stage.enc.bias.detach().clone()))
+    B = torch.cat(all_codes, 1)
+    W = torch.cat(decs, 1)
+    c = torch.stack(biases).sum(0)
+    with torch.no_grad():
+        def recon(P_, W_, c_):
+            return P_ @ Q.T + B @ W_.T + c_
+
+        stats["before_refit"] = _summary(E, recon(P, W, c))
+        if cfg.refit:
+            for _ in range(2):
+                W, c = _lstsq(B, E - P @ Q.T)
+                if k:
+                    P = (E - B @ W.T - c) @ Q
+            W, c = _lstsq(B, E - round_to_dtype(P, cfg.dtype) @ Q.T)
+        P, W, c = round_to_dtype(P, cfg.dtype), round_to_dtype(W, cfg.dtype), round_to_dtype(c, cfg.dtype)
+        stats["after_refit"] = _summary(E, recon(P, W, c))
+        out = {"P": P, "Q": Q, "W": W, "c": c, "B": B, "stats": stats}
+        if holdout is not None:
+            Eh = holdout.float()
+            Ph = Eh @ Q
+            r = Eh - Ph @ Q.T
+            codes = []
+            for (we, be), dw, db in zip(encs, decs, biases):
+                h = ((r @ we.T + be) > 0).float()
+                codes.append(h)
+                r = r - (h @ dw.T + db)
+            Bh = torch.cat(codes, 1)
+            if k:
+                Ph = (Eh - Bh @ W.T - c) @ Q
+            out["holdout_cos"] = float(_row_cos(Eh, Ph @ Q.T + Bh @ W.T + c).mean())
+    stats["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _summary(E: torch.Tensor, E_hat: torch.Tensor) -> dict[str, float]:
+    cos = _row_cos(E, E_hat)
+    return {
+        "row_cos": float(cos.mean()),
+        "row_cos_p01": float(torch.quantile(cos, 0.01)),
+        "rel_frob": float((E - E_hat).norm() / E.norm()),
+    }
+
+
+@register_method
+class LightTokenMethod(CompressionMethod):
+    """Low-rank SVD + residual binary autoencoder stages (tempered sigmoid) + the LightToken loss."""
+
+    name = "lighttoken"
+    config_class = LightTokenConfig
+    paper = ("Wang et al. (2023), LightToken: A Task and Model-agnostic Lightweight Token Embedding Framework "
+             "for Pre-trained Language Models, KDD 2023")
+
+    last_stats: dict[str, Any] | None = None
+
+    def fit(self, weight: torch.Tensor, config: LightTokenConfig) -> dict[str, torch.Tensor]:
+        if config.rank > min(weight.shape):
+            raise RatioError(f"rank {config.rank} exceeds min(V, d) = {min(weight.shape)}.")
+        fitted = _fit(weight, config)
+        st = fitted["stats"]
+        logger.info("lighttoken refit: row cos %.4f -> %.4f, rel. Frobenius %.4f -> %.4f",
+                    st["before_refit"]["row_cos"], st["after_refit"]["row_cos"],
+                    st["before_refit"]["rel_frob"], st["after_refit"]["rel_frob"])
+        LightTokenMethod.last_stats = st
+        state = {
+            "codes": pack_bits(fitted["B"].to(torch.uint8)).contiguous(),
+            "decoder": fitted["W"].contiguous(),
+            "decoder_bias": fitted["c"].contiguous(),
+        }
+        if config.rank > 0:
+            state["lowrank_p"] = fitted["P"].contiguous()
+            state["lowrank_q"] = fitted["Q"].contiguous()
+        return state

@@ -1,0 +1,114 @@
+"""Smoke test of the benchmark scripts (issue 8): each runs with ``--quick`` and writes JSON of the expected shape.
+
+Benchmarks are not tests: this only checks that the scripts run and that what they write is consistent (schema,
+ratios >= requested, bytes accounted == bytes stored). To stay within a few minutes on 2 cores it restricts the
+registry-driven scripts to ``svd`` and two peers; the scripts themselves iterate ``hf_embcomp.METHODS``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import hf_embcomp
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+pytestmark = pytest.mark.slow
+
+
+def run(script: str, *args: str, timeout: int = 600) -> None:
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    out = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env,
+                         timeout=timeout, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench-results")
+
+
+def _has_faiss() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("faiss") is not None
+
+
+def test_quality_quick(results):
+    out = results / "quality.json"
+    peers = "int8-row,faiss-pq" if _has_faiss() else "int8-row"  # faiss-cpu comes with the bench extra
+    run("quality.py", "--quick", "--methods", "svd", "--peers", peers, "--out", str(out))
+    q = json.loads(out.read_text())
+    assert q["finished"] and q["quick"] and q["models"] == ["minilm"] and q["ratios"] == [25, 100]
+    assert {"environment", "baselines", "settings", "rows", "plots"} <= set(q)
+    assert q["baselines"]["minilm"]["V"] == 30522 and q["baselines"]["minilm"]["d"] == 384
+    ok = [r for r in q["rows"] if r["status"] == "ok"]
+    assert {(r["method"], r["ratio_requested"]) for r in ok if r["kind"] == "ours"} == {("svd", 25), ("svd", 100)}
+    assert any(r["method"] == "int8-row" for r in ok)
+    assert any(r.get("peer") == "faiss-pq" for r in ok) or not _has_faiss()
+    fp32 = 30522 * 384 * 4
+    for r in ok:
+        for k in ("ratio", "stored_bytes", "accounted_bytes", "row_cosine_mean", "relative_frobenius_error",
+                  "sentence_cosine", "fit_seconds"):
+            assert isinstance(r[k], (int, float)), (r["method"], k)
+        assert r["stored_bytes"] == r["accounted_bytes"]
+        assert r["ratio"] == pytest.approx(fp32 / r["stored_bytes"])
+        if r["ratio_requested"] is not None:
+            assert r["ratio"] >= r["ratio_requested"]
+        assert -1.0 <= r["sentence_cosine"] <= 1.0 + 1e-6 and 0 < r["row_cosine_mean"] <= 1.0 + 1e-6
+    assert (out.parent / "quality_minilm.png").is_file()
+
+
+def test_speed_quick(results):
+    out = results / "speed.json"
+    run("speed.py", "--quick", "--methods", "svd", "--out", str(out))
+    s = json.loads(out.read_text())
+    assert s["finished"] and s["batch"] == "4x32"
+    assert [(r["method"], r["status"]) for r in s["fit"]] == [("svd", "ok")]
+    assert all(r["ratio"] >= r["ratio_requested"] for r in s["fit"])
+    for name, m in s["models"].items():
+        assert m["stored_bytes"] == m["accounted_bytes"] and m["bytes_match"] is True, name
+    assert s["models"]["svd"]["ratio"] >= 25
+    names = {r["name"] for r in s["lookup"]}
+    assert {"nn.Embedding", "svd on the fly", "svd cached"} <= names
+    assert {r["name"] for r in s["forward"]} == {"stock MiniLM", "svd"}
+    assert all(r["vs_stock"] > 0 for r in s["forward"])
+    assert all(r["status"] == "ok" and r["peak_rss_after_forward_mb"] > 0 for r in s["load"])
+    assert (out.parent / "speed.png").is_file()
+
+
+def test_scale_quick(results):
+    out = results / "scale.json"
+    run("scale.py", "--quick", "--out", str(out))
+    c = json.loads(out.read_text())
+    assert c["finished"] and c["methods"] == ["svd"]
+    assert [r["status"] for r in c["rows"]] == ["ok"] * 3
+    assert all(r["ratio"] >= c["ratio"] and r["fit_seconds"] > 0 for r in c["rows"])
+    targets = {t["target"] for p in c["projection"] for t in p["targets"]}
+    assert len(targets) == 2 and all(t["fit_seconds"] > 0 for p in c["projection"] for t in p["targets"])
+
+
+def test_report_renders(results):
+    out = results / "results.md"
+    run("report.py", "--results", str(results), "--out", str(out))
+    text = out.read_text()
+    assert text.startswith("## Results")
+    for heading in ("### Quality at equal stored bytes", "### Cost", "### Scale"):
+        assert heading in text
+    assert "quality_minilm.png" in text and "speed.png" in text and "scale.png" in text
+
+
+def test_scripts_follow_the_registry():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(BENCH))
+    assert common.registered_methods() == list(hf_embcomp.METHODS)
+    assert common.registered_methods("svd,nonexistent") == ["svd"]
