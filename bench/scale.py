@@ -16,7 +16,7 @@ work per row is linear in d for a fixed ratio), c from the largest measured poin
 
     HF_HUB_OFFLINE=1 python bench/scale.py                     # svd at every size
     HF_HUB_OFFLINE=1 python bench/scale.py --methods svd,lighttoken --other-max-v 50000
-    HF_HUB_OFFLINE=1 python bench/scale.py --quick             # svd, MiniLM + 2 Gemma-shaped random sizes
+    HF_HUB_OFFLINE=1 python bench/scale.py --quick             # svd, 8k MiniLM rows + 2 small Gemma-width random sizes
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def project(rows: list[dict], method: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="svd on MiniLM and two random Gemma-width sizes (CI smoke)")
+    ap.add_argument("--quick", action="store_true", help="svd on 8192 MiniLM rows and on 4096 / 8192 random Gemma-width rows (CI smoke)")
     ap.add_argument("--methods", default="svd", help="comma list of registered methods (default svd; 'all')")
     ap.add_argument("--other-max-v", type=int, default=50000, help="methods other than svd only up to this V")
     ap.add_argument("--ratio", type=float, default=25.0)
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not g.is_file():
             np.save(g, (np.random.default_rng(0).standard_normal((16384, 640)) * 0.02).astype(np.float32))
         mats["gemma"] = (g, {"name": "gemma", "V": 16384, "d": 640, "random": True, "source": "random 16384 x 640"})
-        points = [("minilm", 30522), ("gemma", 8192), ("gemma", 16384)]
+        points = [("minilm", 8192), ("gemma", 4096), ("gemma", 8192)]
     else:
         mats = {k: matrix(k) for k in ("minilm", "smollm2", "gemma")}
         points = [("minilm", 30522), ("smollm2", 49152)] + [("gemma", v) for v in (32768, 65536, 131072, 262144)]

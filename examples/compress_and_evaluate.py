@@ -75,9 +75,12 @@ def main(argv: list[str] | None = None) -> dict:
     emb = {}
     for name, model in (("uncompressed", base), ("compressed", reloaded)):
         emb[name] = (encode(model, src.tokenizer, list(train["sentence"])), encode(model, src.tokenizer, list(test["sentence"])))
-    agreement = float((emb["uncompressed"][1] * emb["compressed"][1]).sum(1).mean())
-    print(f"  sentence-embedding cosine with the uncompressed model (SST-2 dev, n={len(test)}): {agreement:.4f}")
-    result["sentence_cosine"] = agreement
+    u, c = emb["uncompressed"][1], emb["compressed"][1]
+    agreement = float((u * c).sum(1).mean())
+    other = float((u * np.roll(u, 1, axis=0)).sum(1).mean())  # control: two different sentences, same model
+    print(f"  sentence-embedding cosine with the uncompressed model (SST-2 dev, n={len(test)}): {agreement:.4f} "
+          f"(different sentences, uncompressed: {other:.4f})")
+    result["sentence_cosine"], result["different_sentence_cosine"] = agreement, other
     for name, (tr, te) in emb.items():
         clf = LogisticRegression(max_iter=2000, random_state=0).fit(tr, train["label"])
         acc = float((clf.predict(te) == np.asarray(test["label"])).mean())

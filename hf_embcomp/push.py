@@ -40,7 +40,7 @@ RETRIES = 4
 RETRY_DELAY = 2.0
 """Seconds before the first retry; doubled at each further attempt."""
 _TRANSIENT = frozenset({500, 502, 503, 504})
-_RESULTS_NAME = "results.json"
+_RESULTS_NAME = "eval_results.json"  # what `hf-embcomp evaluate` writes by default
 
 
 class PushError(RuntimeError):
@@ -112,7 +112,7 @@ def plan_push(
     Args:
         folder: a folder written by ``save_pretrained`` of a compressed model.
         repo_id: the target Hub repo, ``"user/name"``.
-        results: a results file of ``hf-embcomp evaluate`` (path or parsed); default ``folder/results.json``
+        results: a results file of ``hf-embcomp evaluate`` (path or parsed); default ``folder/eval_results.json``
             if present, else the card says no results were measured.
         private, revision, commit_message: as for :func:`push_to_hub`.
         license: override the license id of the card.
@@ -269,8 +269,8 @@ def push_to_hub(
     Args:
         model_or_dir: a compressed model (from :func:`hf_embcomp.compress`) or a folder it was saved to.
         repo_id: ``"user/name"``; created if missing.
-        results: results of ``hf-embcomp evaluate`` (path or parsed); default ``DIR/results.json`` if present.
-            They fill the card's ``model-index`` and results table and are pushed as ``results.json``.
+        results: results of ``hf-embcomp evaluate`` (path or parsed); default ``DIR/eval_results.json`` if present.
+            They fill the card's ``model-index`` and results table and are pushed as ``eval_results.json``.
         private: create the repo private (an existing repo keeps its visibility).
         revision: the branch to commit to (created from main if missing); default main.
         commit_message: default names the source, method and ratio.
@@ -359,7 +359,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("dir", help="the compressed model folder (the --output of `hf-embcomp compress`)")
     p.add_argument("repo_id", help="target Hub repo, e.g. user/bert-svd-8x (created if missing)")
     p.add_argument("--results", default=None,
-                   help="results file of `hf-embcomp evaluate` (default: DIR/results.json if present)")
+                   help="results file of `hf-embcomp evaluate` (default: DIR/eval_results.json if present)")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--revision", default=None, help="branch to commit to (created if missing; default main)")
     p.add_argument("--commit-message", default=None, help="commit summary")

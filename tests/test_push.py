@@ -147,9 +147,9 @@ def _roundtrip(folder: Path, model, tok, hub: FakeHub, tmp: Path, repo_id: str, 
 
     remote = hub.files(repo_id)
     local = _local_files(folder)
-    assert set(remote) == set(local) | {".gitattributes", "results.json"}
+    assert set(remote) == set(local) | {".gitattributes", "eval_results.json"}
     assert all(remote[p] == data for p, data in local.items() if p != "README.md")
-    assert json.loads(remote["results.json"]) == results
+    assert json.loads(remote["eval_results.json"]) == results
     assert not hub.unauthorized and ("POST", f"/api/models/{repo_id}/commit/main") in hub.requests
     assert sum(1 for m, p in hub.requests if p.endswith("/commit/main")) == 1  # one atomic commit
     assert not any(TOKEN.encode() in data for data in remote.values())
@@ -201,7 +201,7 @@ def test_python_api_pushes_model_private_to_branch(tiny, in_process_hub):
     assert set(hub.files("tester/tiny-dev", "main")) == {".gitattributes"}  # main untouched
     files = hub.files("tester/tiny-dev", "dev")
     assert {"config.json", "model.safetensors", "modeling_embcomp.py", "tokenizer_config.json", "README.md"} <= set(files)
-    assert json.loads(files["results.json"]) == results
+    assert json.loads(files["eval_results.json"]) == results
     _check_card(files["README.md"].decode(), results, "tester/tiny-dev", None)
     commit = hub.repos["tester/tiny-dev"].commits[info.oid]
     assert "svd" in commit.message and f"{model.compression_report['compression_ratio']:.1f}x" in commit.message
@@ -223,7 +223,7 @@ def test_dry_run_writes_plan_and_card_without_network(tiny, in_process_hub, tmp_
     assert rc == 0 and hub.requests == []
     written = _local_files(tmp_path / "plan" / "files")
     local = _local_files(folder)
-    assert set(written) == set(local) | {"results.json"}
+    assert set(written) == set(local) | {"eval_results.json"}
     assert all(written[p] == d for p, d in local.items() if p != "README.md")
     plan = json.loads((tmp_path / "plan" / "commit.json").read_text())
     assert plan["repo_id"] == "tester/dry" and plan["revision"] == "main"
@@ -234,7 +234,7 @@ def test_dry_run_writes_plan_and_card_without_network(tiny, in_process_hub, tmp_
     out = hf_embcomp.push_to_hub(folder, "tester/dry", dry_run=tmp_path / "plain")
     readme = (out / "files" / "README.md").read_text()
     assert "No downstream evaluation results were measured" in readme
-    assert ModelCard(readme).data.eval_results is None and "results.json" not in _local_files(out / "files")
+    assert ModelCard(readme).data.eval_results is None and "eval_results.json" not in _local_files(out / "files")
     assert not any(TOKEN in p.read_text(errors="ignore") for p in (tmp_path).rglob("*") if p.is_file())
     assert hub.requests == []
 
