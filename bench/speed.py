@@ -118,6 +118,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", default=None, help="BxT token ids (default 32x128; --quick 4x32)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for every timing (default 1)")
     ap.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2 tied-head timings")
+    ap.add_argument("--fast-fit", action="store_true", help="fit the models with 1 training epoch (methods that "
+                    "train): lookup / forward / RAM / bytes do not depend on the fitted values; the fit times are "
+                    "then marked fast_fit and are not the real ones (bench/quality.py records those)")
+    ap.add_argument("--load-runs", type=int, default=None, help="fresh-process load runs per model (default 2; --quick 1)")
     ap.add_argument("--out", type=Path, default=common.RESULTS / "speed.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -149,10 +153,15 @@ def main(argv: list[str] | None = None) -> dict:
         for ratio in sorted(set(fit_ratios) | {args.ratio}):
             row: dict[str, Any] = {"model": "minilm", "method": method, "ratio_requested": ratio}
             try:
-                comp = hf_embcomp.compress(stock, method, ratio)
+                over = {}
+                if quick or args.fast_fit:
+                    from quality import quick_overrides
+
+                    over = quick_overrides(method)
+                comp = hf_embcomp.compress(stock, method, ratio, **over)
                 rep = comp.compression_report
                 row |= {"status": "ok", "ratio": rep["compression_ratio"], "fit_seconds": rep["fit_seconds"],
-                        "accounted_bytes": rep["stored_bytes"]}
+                        "accounted_bytes": rep["stored_bytes"], "fast_fit": bool(over), "overrides": over}
                 if ratio == args.ratio:
                     folder = tmp / method
                     save_compressed(comp, folder)
@@ -252,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_rows = []
     names = list(payload["models"])
     runs: dict[str, list[dict]] = {n: [] for n in names}
-    for _ in range(1 if quick else 2):
+    for _ in range(args.load_runs or (1 if quick else 2)):
         for n in names:
             try:
                 runs[n].append(child_load(Path(payload["models"][n]["folder"]), batch, args.threads))

@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
     dev = ds["validation"]
     if args.eval_limit:
         dev = dev.select(range(min(len(dev), args.eval_limit)))
-    enc = lambda b: tok(b["sentence"], truncation=True, max_length=args.max_length)  # noqa: E731
+    def enc(batch: dict) -> dict:
+        return tok(batch["sentence"], truncation=True, max_length=args.max_length)
+
     train = train.map(enc, batched=True, remove_columns=["sentence"])
     dev = dev.map(enc, batched=True, remove_columns=["sentence"])
 

@@ -352,7 +352,7 @@ def test_reduced_precision_loads(placed):
 
 
 def test_resize_raises_clear_error_and_trainable_flags(placed):
-    for name, r in placed.items():
+    for r in placed.values():
         assert r["resize"] and "decompress" in r["resize"] and "resize" in r["resize"], r["resize"]
         assert r["grad_default"] == [False]
         assert r["grad_config"] == [True]

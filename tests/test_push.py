@@ -178,6 +178,16 @@ def test_push_roundtrip_tiny(tiny, in_process_hub, tmp_path, capsys, caplog):
                capsys, caplog)
 
 
+def test_push_roundtrip_tiny_lighttoken(tiny, in_process_hub, tmp_path, capsys, caplog):
+    """A LightToken model (fp16 factors, bit-packed uint8 codes) round-trips through the Hub too."""
+    _, svd_model, tok = tiny
+    stock = hf_embcomp.decompress(svd_model)
+    model = hf_embcomp.compress(stock, "lighttoken", ratio=4, tokenizer=tok, epochs=2)
+    folder = hf_embcomp.save_compressed(model, tmp_path / "lt")
+    _roundtrip(folder, model, tok, in_process_hub, tmp_path, "tester/tiny-bert-lighttoken-4x", "w3 w4 w500",
+               None, capsys, caplog)
+
+
 @pytest.mark.slow
 def test_push_roundtrip_minilm_svd(minilm_path, in_process_hub, tmp_path, capsys, caplog):
     src = hf_embcomp.load_model(minilm_path)
