@@ -142,6 +142,8 @@ def speed_section(s: dict, link: str) -> list[str]:
                             [[r["name"], str(r.get("tokens", "")), _f(r.get("median_ms"), 2), _f(r.get("vs_dense"), 2)]
                              for r in s["tied_head"] if r.get("status") == "ok"]))
     out += ["", "Load + one forward in a fresh process (`AutoModel.from_pretrained(dir, trust_remote_code=True)`):", ""]
+    if s.get("load_note"):
+        out += [f"_{s['load_note']}_", ""]
     out.append(md_table(["model", "load s", "peak RSS MiB", "RSS over imports MiB"],
                         [[r["name"], _f(r.get("load_seconds"), 2), _f(r.get("peak_rss_after_forward_mb"), 0),
                           _f(r.get("model_rss_mb"), 0)] if r["status"] == "ok" else [r["name"], r["status"], "", ""]

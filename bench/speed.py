@@ -14,7 +14,7 @@ not absolute times).
    ``h @ E.T``, for 1 and 128 hidden states. The runtime modules are built from each method's config with
    random tensors (cost does not depend on the values; no SmolLM2 fit is needed).
 5. load + RAM: a fresh subprocess per saved model loads it with ``AutoModel.from_pretrained(dir,
-   trust_remote_code=True)`` and runs one forward; it reports load seconds and peak RSS (getrusage maxrss).
+   trust_remote_code=True)`` and runs one forward; it reports load seconds and peak RSS (/proc VmHWM).
 6. bytes: the embedding tensors' bytes in the saved ``model.safetensors`` (read from its header) vs the
    bytes the method config accounts (``stored_bytes``).
 7. bit unpacking (the hot path of the binary-code methods): the current ``unpack_bits`` (a 256 x 8 table
@@ -54,19 +54,27 @@ logger = logging.getLogger("bench.speed")
 _CHILD = r"""
 import json, os, resource, sys, time
 os.environ["TQDM_DISABLE"] = "1"
+def hwm():  # peak RSS of this process in MiB: VmHWM starts afresh at exec (ru_maxrss is inherited from the parent)
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 import torch
 torch.set_num_threads(int(sys.argv[3]))
 from transformers import AutoModel
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+rss0 = hwm()
 t0 = time.perf_counter()
 m = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 load = time.perf_counter() - t0
-rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+rss1 = hwm()
 b, t = map(int, sys.argv[2].split("x"))
 ids = torch.randint(0, m.config.vocab_size, (b, t), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     m(input_ids=ids, attention_mask=torch.ones_like(ids))
-rss2 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+rss2 = hwm()
 print(json.dumps({"load_seconds": load, "rss_after_imports_mb": rss0, "peak_rss_after_load_mb": rss1,
                   "peak_rss_after_forward_mb": rss2}))
 """

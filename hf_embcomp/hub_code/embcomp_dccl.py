@@ -6,6 +6,7 @@ Runtime code: ships in every compressed model repository; imports only torch and
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .embcomp_base import CompressedEmbedding, unpack_bits
@@ -50,7 +51,9 @@ class CompositionalCodeEmbedding(CompressedEmbedding):
         m, k, d = self.codebooks.shape
         codes = self.unpack_codes(self.codes[input_ids])  # [..., M]
         flat = codes + torch.arange(m, device=codes.device) * k  # index into the M*K codewords
-        return self.codebooks.reshape(m * k, d)[flat].sum(-2)
+        # embedding_bag sums the M codewords without building the [..., M, d] intermediate
+        out = F.embedding_bag(flat.reshape(-1, m), self.codebooks.reshape(m * k, d), mode="sum")
+        return out.reshape(*input_ids.shape, d)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden @ E_hat^T: project on every codeword once (P = hidden @ codebooks^T, [..., M, K]), then each
