@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger("hf_embcomp")
 
-# Modules that register further sub-commands (each optional until it lands).
+# Modules that register further sub-commands (each exposes ``register(subparsers)``).
 _COMMAND_MODULES = ("hf_embcomp.evaluation.cli", "hf_embcomp.push", "hf_embcomp.distill")
 
 
@@ -162,13 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compress)
 
     for mod in _COMMAND_MODULES:
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name and mod.startswith(e.name):
-                continue
-            raise
-        m.register(sub)
+        importlib.import_module(mod).register(sub)
     return parser
 
 

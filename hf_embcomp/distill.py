@@ -201,10 +201,6 @@ def load_compressed(path: str | Path) -> torch.nn.Module:
         raise ValueError(f"{path} is not a model compressed by hf-embcomp.")
     if ENTRY_AUTO_CLASSES[arch] != "AutoModelForCausalLM":
         raise ValueError(f"distill needs a causal LM with a tied head; {path} is a {arch}.")
-    if (getattr(cfg, "quantization_config", None) or {}).get("quant_method") == "gguf":
-        # a GGUF source's block is carried over, but the weights were saved dense: Trainer would refuse to
-        # fine-tune a model flagged as quantized
-        del cfg.quantization_config
     return ENTRY_CLASSES[arch].from_pretrained(str(path), config=cfg, dtype=torch.float32)
 
 

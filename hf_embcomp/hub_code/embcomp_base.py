@@ -188,7 +188,7 @@ class CompressedEmbedding(nn.Module):
         if logits_from is not None:
             return self.compute_logits(logits_from.to(self.device))
         if input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
+            lo, hi = (int(v) for v in torch.aminmax(input_ids))
             if lo < 0 or hi >= self.num_embeddings:
                 raise IndexError(
                     f"token id {hi if hi >= self.num_embeddings else lo} is out of range for a vocabulary of "

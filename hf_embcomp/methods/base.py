@@ -74,6 +74,33 @@ def check_ratio(ratio: float) -> float:
     return r
 
 
+def solve_rank(config_cls: type, num_embeddings: int, embedding_dim: int, ratio: float, name: str,
+               max_rank: int, **overrides: Any) -> MethodConfig:
+    """The config of largest ``rank`` in [1, max_rank] whose stored bytes meet ``ratio`` (a rank search).
+
+    Raises:
+        RatioError: even rank 1 stores too much (the message gives the reachable range).
+    """
+    ratio = check_ratio(ratio)
+    if overrides.get("rank") is not None:
+        return config_cls(**overrides)
+    full = num_embeddings * embedding_dim * 4
+    best = None
+    for rank in range(1, max_rank + 1):
+        cfg = config_cls(**{**overrides, "rank": rank})
+        if full / cfg.stored_bytes(num_embeddings, embedding_dim) < ratio:
+            break
+        best = cfg
+    if best is None:
+        one = config_cls(**{**overrides, "rank": 1})
+        raise RatioError(
+            f"{name} cannot reach ratio {ratio:g} for a {num_embeddings} x {embedding_dim} embedding at "
+            f"{one.dtype}: the reachable range is 1 < ratio <= "
+            f"{full / one.stored_bytes(num_embeddings, embedding_dim):.1f} (rank 1)."
+        )
+    return best
+
+
 ProgressFn = Callable[[int], None]
 
 

@@ -32,37 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..losses import direction_loss
-from .base import CompressionMethod, MethodConfig, RatioError, check_ratio, register_method, round_to_dtype
+from .base import CompressionMethod, MethodConfig, RatioError, register_method, round_to_dtype, solve_rank
 from .training import train_rows
 
 logger = logging.getLogger(__name__)
-
-
-def solve_rank(config_cls: type, num_embeddings: int, embedding_dim: int, ratio: float, name: str,
-               max_rank: int, **overrides: Any) -> MethodConfig:
-    """The config of largest ``rank`` in [1, max_rank] whose stored bytes meet ``ratio`` (a rank search).
-
-    Raises:
-        RatioError: even rank 1 stores too much (the message gives the reachable range).
-    """
-    ratio = check_ratio(ratio)
-    if overrides.get("rank") is not None:
-        return config_cls(**overrides)
-    full = num_embeddings * embedding_dim * 4
-    best = None
-    for rank in range(1, max_rank + 1):
-        cfg = config_cls(**{**overrides, "rank": rank})
-        if full / cfg.stored_bytes(num_embeddings, embedding_dim) < ratio:
-            break
-        best = cfg
-    if best is None:
-        one = config_cls(**{**overrides, "rank": 1})
-        raise RatioError(
-            f"{name} cannot reach ratio {ratio:g} for a {num_embeddings} x {embedding_dim} embedding at "
-            f"{one.dtype}: the reachable range is 1 < ratio <= "
-            f"{full / one.stored_bytes(num_embeddings, embedding_dim):.1f} (rank 1)."
-        )
-    return best
 
 
 @dataclasses.dataclass(frozen=True)

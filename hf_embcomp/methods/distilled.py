@@ -27,8 +27,7 @@ from torch import nn
 
 from ..hub_code.embcomp_distilled import ACTIVATIONS, DistilledEmbedding
 from ..losses import mse_loss
-from .base import CompressionMethod, MethodConfig, RatioError, register_method, round_to_dtype
-from .direction import solve_rank
+from .base import CompressionMethod, MethodConfig, RatioError, register_method, round_to_dtype, solve_rank
 from .training import train_rows
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .base import CompressionMethod, MethodConfig, RatioError, check_ratio, register_method, round_to_dtype
+from .base import CompressionMethod, MethodConfig, RatioError, register_method, round_to_dtype, solve_rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,19 +32,8 @@ class SVDConfig(MethodConfig):
 
     @classmethod
     def from_ratio(cls, num_embeddings: int, embedding_dim: int, ratio: float, **overrides: Any) -> "SVDConfig":
-        ratio = check_ratio(ratio)
-        if overrides.get("rank") is not None:
-            return cls(**overrides)
-        probe = cls(**{**overrides, "rank": 1})
-        full = num_embeddings * embedding_dim * 4
-        rank = int(full // (ratio * probe.stored_bytes(num_embeddings, embedding_dim)))
-        if rank < 1:
-            max_ratio = full / probe.stored_bytes(num_embeddings, embedding_dim)
-            raise RatioError(
-                f"svd cannot reach ratio {ratio:g} for a {num_embeddings} x {embedding_dim} embedding at "
-                f"{probe.dtype}: the reachable range is 1 < ratio <= {max_ratio:.1f} (rank 1)."
-            )
-        return cls(**{**overrides, "rank": min(rank, num_embeddings, embedding_dim)})
+        return solve_rank(cls, num_embeddings, embedding_dim, ratio, "svd", min(num_embeddings, embedding_dim),
+                          **overrides)
 
 
 @register_method
