@@ -149,13 +149,13 @@ def run_ours(ev: Evaluator, E: torch.Tensor, method: str, ratio: float, model_ke
     except hf_embcomp.RatioError as e:
         return row | {"status": "skipped", "error": str(e)}
     try:
-        comp = hf_embcomp.compress(ev.model, method, ratio, **overrides)
+        comp = hf_embcomp.compress(ev.model, method, ratio, tokenizer=ev.tok, **overrides)
         rep = comp.compression_report
         emb = comp.get_compressed_embedding()
         actual = sum(t.numel() * t.element_size() for t in emb.state_dict().values())
         row |= {"ratio": rep["compression_ratio"], "stored_bytes": actual, "accounted_bytes": cfg.stored_bytes(V, d),
                 "fit_seconds": rep["fit_seconds"], "hyperparameters": rep["hyperparameters"],
-                "overrides": overrides, **rep["fidelity"]}
+                "overrides": overrides, "token_counts_source": rep.get("token_counts_source"), **rep["fidelity"]}
         comp.eval()
         row |= ev.score(comp)
         row["status"] = "ok"

@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per point")
     ap.add_argument("--out", type=Path, default=common.RESULTS / "scale.json")
     ap.add_argument("--reproject", action="store_true", help="only recompute the projection and plot of --out")
+    ap.add_argument("--points", default=None, help="comma list of MATRIX:V to run instead of the default grid, "
+                                                   "e.g. minilm:30522,gemma:262144")
+    ap.add_argument("--append", action="store_true", help="keep the rows of --out that this run does not redo")
     args = ap.parse_args(argv)
     if args.reproject:
         payload = json.loads(args.out.read_text())
@@ -201,7 +204,14 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         mats = {k: matrix(k) for k in ("minilm", "smollm2", "gemma")}
         points = [("minilm", 30522), ("smollm2", 49152)] + [("gemma", v) for v in (32768, 65536, 131072, 262144)]
+        if args.points:
+            points = [(p.split(":")[0], int(p.split(":")[1])) for p in args.points.split(",") if p]
     payload["matrices"] = {k: v[1] for k, v in mats.items()}
+    if args.append and args.out.is_file():
+        old = json.loads(args.out.read_text())
+        redo = {(m, k, v) for m in methods for k, v in points}
+        payload["rows"] = [r for r in old.get("rows", []) if (r["method"], r["name"], r["V"]) not in redo]
+        payload["methods"] = sorted(set(old.get("methods", [])) | set(methods), key=lambda m: (m != "svd", m))
     print(common.table([], [("method", "method"), ("name", "matrix"), ("V", "V"), ("d", "d"), ("ratio", "ratio"),
                             ("fit_seconds", "fit s"), ("fit_peak_growth_mb", "fit peak MiB"), ("status", "status")]), flush=True)
     for method in methods:
@@ -218,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(common.table([r], [("method", "method"), ("name", "matrix"), ("V", "V"), ("d", "d"), ("ratio", "ratio"),
                                      ("fit_seconds", "fit s"), ("fit_peak_growth_mb", "fit peak MiB"),
                                      ("status", "status")]).splitlines()[-1], flush=True)
-    payload["projection"] = [p for p in (project(payload["rows"], m) for m in methods) if p]
+    payload["projection"] = [p for p in (project(payload["rows"], m) for m in payload["methods"]) if p]
     payload["plots"] = plot(payload, args.out)
     payload["finished"] = True
     common.write_json(args.out, payload)

@@ -105,6 +105,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                 tokenizer=src.tokenizer,
                 source_folder=str(src.folder) if src.folder and not src.gguf_file else None,
                 device=args.device,
+                corpus=args.corpus,
                 **hp,
             ),
         )
@@ -153,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage dtype of the real-valued parts (default float32)")
     p.add_argument("--seed", type=int, default=None, help="random seed of the fit (default 0)")
     p.add_argument("--hp", action="append", metavar="KEY=VALUE", help="any other method hyper-parameter")
+    p.add_argument("--corpus", default=None,
+                   help="UTF-8 text file for token frequencies (LightToken's exact rows); default: the built-in "
+                        "Wikipedia text when hf-embcomp[eval] is installed")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside MODEL (or a path to it)")
     p.add_argument("--revision", default=None, help="Hub revision of MODEL")
     p.add_argument("--device", default=None, help="device of the fit (e.g. cuda); default the model's")

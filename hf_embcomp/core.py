@@ -138,6 +138,8 @@ def compress(
     device: str | torch.device | None = None,
     tokenizer: Any = None,
     source_folder: str | None = None,
+    token_counts: torch.Tensor | None = None,
+    corpus: str | None = None,
     **hyperparameters: Any,
 ) -> PreTrainedModel:
     """Compress the token embedding of a stock transformers model.
@@ -160,6 +162,10 @@ def compress(
         tokenizer: saved with the model by ``save_pretrained`` (optional).
         source_folder: local folder of the source checkpoint; its tokenizer and sentence-transformers
             files are saved with the model by ``save_pretrained`` (optional).
+        token_counts: int [V] token frequencies of a corpus, for methods that use them (LightToken's
+            exact rows). Default: counted with ``tokenizer`` on ``corpus`` (a UTF-8 text file) or on the
+            default corpus of :mod:`hf_embcomp.frequency`; without a tokenizer, none.
+        corpus: text file to count token frequencies on (see ``token_counts``).
         **hyperparameters: overrides passed to the method config (``rank=``, ``dtype=``, ``seed=`` ...).
 
     Returns:
@@ -185,7 +191,22 @@ def compress(
     fit_device = torch.device(device) if device is not None else old.weight.device
     t0 = time.perf_counter()
     logger.info("fitting %s on a %d x %d embedding (%s)", method, V, d, cfg)
-    state = meth.fit(weight.to(fit_device), cfg)
+    context: dict[str, Any] = {}
+    counts_source = None
+    if meth.uses_token_counts:
+        special = [int(i) for i in getattr(tokenizer, "all_special_ids", None) or [] if 0 <= int(i) < V]
+        if token_counts is None and tokenizer is not None and getattr(cfg, "exact_rows", 0):
+            from .frequency import corpus_token_counts
+
+            got = corpus_token_counts(tokenizer, V, corpus)
+            if got is not None:
+                token_counts, counts_source = got
+        elif token_counts is not None:
+            counts_source = "token_counts given by the caller"
+        if token_counts is not None and tuple(token_counts.shape) != (V,):
+            raise ValueError(f"token_counts must have shape ({V},), got {tuple(token_counts.shape)}.")
+        context = {"token_counts": token_counts, "special_ids": special}
+    state = meth.fit(weight.to(fit_device), cfg, **context)
     fit_seconds = time.perf_counter() - t0
 
     src_dtype = source_dtype or str(old.weight.dtype).replace("torch.", "")
@@ -253,6 +274,8 @@ def compress(
         "fit_seconds": round(fit_seconds, 3),
         "fidelity": fid,
     }
+    if meth.uses_token_counts:
+        new.compression_report["token_counts_source"] = counts_source
     from .cards import has_tokenizer_files, render_card, source_license
     from .io import attach_side_files, prepare_for_save, side_files
 

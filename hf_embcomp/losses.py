@@ -14,10 +14,12 @@ def mse_loss(e: torch.Tensor, e_hat: torch.Tensor) -> torch.Tensor:
     return ((e - e_hat) ** 2).sum(-1).mean()
 
 
-def lighttoken_loss(e: torch.Tensor, e_hat: torch.Tensor, lam: float = 2.0, eps: float = 1e-8) -> torch.Tensor:
+def lighttoken_loss(e: torch.Tensor, e_hat: torch.Tensor, lam: float = 2.0, eps: float = 1e-8,
+                    weight: torch.Tensor | None = None) -> torch.Tensor:
     """This project's reading of LightToken's compression loss (Wang et al., KDD 2023).
 
-    L = (|e| - |e_hat|)^2 + lam * |e| * |e_hat| * (1 - cos(e, e_hat)), mean over rows.
+    L = (|e| - |e_hat|)^2 + lam * |e| * |e_hat| * (1 - cos(e, e_hat)), mean over rows (weighted by
+    ``weight`` [N] when given: sum(w L) / sum(w)).
 
     From the identity ||e - e_hat||^2 = (|e| - |e_hat|)^2 + 2 |e||e_hat| (1 - cos), L upper-bounds the
     squared Euclidean error for lam >= 2 (lam = 2 is exactly the squared error) and stresses direction
@@ -30,7 +32,10 @@ def lighttoken_loss(e: torch.Tensor, e_hat: torch.Tensor, lam: float = 2.0, eps:
         raise ValueError(f"lam must be >= 2 for the loss to upper-bound the squared error (got {lam}).")
     n, n_hat = e.norm(dim=-1), e_hat.norm(dim=-1)
     cos = F.cosine_similarity(e, e_hat, dim=-1, eps=eps)
-    return ((n - n_hat) ** 2 + lam * n * n_hat * (1.0 - cos)).mean()
+    per_row = (n - n_hat) ** 2 + lam * n * n_hat * (1.0 - cos)
+    if weight is None:
+        return per_row.mean()
+    return (per_row * weight).sum() / weight.sum().clamp_min(eps)
 
 
 def direction_loss(e: torch.Tensor, e_hat: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:

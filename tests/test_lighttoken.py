@@ -17,7 +17,7 @@ import hf_embcomp
 from hf_embcomp.core import fidelity
 from hf_embcomp.hub_code.embcomp_base import pack_bits, unpack_bits
 from hf_embcomp.methods.base import RatioError
-from hf_embcomp.methods.lighttoken import LightTokenConfig, _fit
+from hf_embcomp.methods.lighttoken import LightTokenConfig, _fit, select_exact_ids
 from hf_embcomp.methods.svd import SVDConfig, SVDMethod
 from tests.support.isolated import run_isolated
 
@@ -62,7 +62,7 @@ def _embedding_bytes(path, prefix_hint="embed"):
     total, keys = 0, {}
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         for k in f.keys():
-            if any(p in k for p in ("lowrank_p", "lowrank_q", "codes", "decoder", "decoder_bias")):
+            if any(p in k for p in ("lowrank_p", "lowrank_q", "codes", "decoder", "decoder_bias", "exact_ids", "exact_rows")):
                 t = f.get_tensor(k)
                 keys[k.rsplit(".", 1)[-1]] = t
                 total += t.numel() * t.element_size()
@@ -200,3 +200,57 @@ def test_tied_causal_lm_logits_from_factors():
         assert torch.allclose(emb.embed(ids), dense[ids])
         emb.materialize(False)
     assert emb.logits_cost()["cheaper"] in ("factored", "dense (materialize)")
+
+
+def test_select_exact_ids_specials_then_most_frequent():
+    counts = torch.tensor([5, 0, 9, 9, 1, 7, 0, 0])
+    assert select_exact_ids(8, 4, counts, special_ids=[6, 6, 99]).tolist() == [2, 3, 5, 6]  # 99 >= V is ignored
+    assert select_exact_ids(8, 2, counts).tolist() == [2, 3]
+    assert select_exact_ids(8, 3, None, special_ids=[7]).tolist() == [0, 1, 7]  # no counts: lowest ids
+    with pytest.raises(ValueError, match="shape"):
+        select_exact_ids(8, 2, torch.ones(9))
+
+
+def test_exact_rows_verbatim_in_lookup_logits_and_reload(tmp_path):
+    model = _tiny_llama()
+    E = model.get_input_embeddings().weight.detach().clone()
+    counts = torch.zeros(1000, dtype=torch.int64)
+    hot = torch.tensor([3, 17, 250, 999, 640, 41, 42, 43])
+    counts[hot] = torch.arange(100, 108)
+    comp = hf_embcomp.compress(model, "lighttoken", 10, rank=4, exact_rows=8, token_counts=counts, **FAST)
+    emb = comp.get_compressed_embedding()
+    assert emb.exact_ids.tolist() == sorted(hot.tolist())
+    assert comp.compression_report["token_counts_source"] == "token_counts given by the caller"
+    ids = torch.tensor([[3, 4, 999, 998, 250, 0]])
+    with torch.no_grad():
+        looked = emb(ids)[0]
+        dense = emb.reconstruct()
+        exact = torch.tensor([True, False, True, False, True, False])
+        assert torch.allclose(looked[exact], E[ids[0][exact]], atol=2e-3)  # verbatim up to float16 rounding
+        assert (looked[~exact] - E[ids[0][~exact]]).abs().max() > 1e-2  # the others are decoded (lossy)
+        assert torch.allclose(looked, dense[ids[0]], atol=1e-6)
+        out = comp(input_ids=ids, output_hidden_states=True)
+        assert (out.logits - out.hidden_states[-1] @ dense.T).abs().max() < 1e-4
+    comp.save_pretrained(tmp_path / "m")
+    again = type(comp).from_pretrained(tmp_path / "m", trust_remote_code=True)
+    assert torch.equal(again.get_compressed_embedding().exact_ids, emb.exact_ids)
+    with torch.no_grad():
+        assert (again(input_ids=ids).logits - out.logits).abs().max() < 1e-5
+
+
+def test_weighted_refit_equals_repeated_rows():
+    from hf_embcomp.losses import lighttoken_loss
+    from hf_embcomp.methods.lighttoken import _lstsq
+
+    g = torch.Generator().manual_seed(0)
+    codes = (torch.rand(40, 6, generator=g) > 0.5).float()
+    target = torch.randn(40, 5, generator=g)
+    w = torch.randint(1, 4, (40,), generator=g)
+    W1, c1 = _lstsq(codes, target, weight=w.float())
+    W2, c2 = _lstsq(codes.repeat_interleave(w, 0), target.repeat_interleave(w, 0))
+    assert torch.allclose(W1, W2, atol=1e-4) and torch.allclose(c1, c2, atol=1e-4)
+    e, e_hat = torch.randn(40, 5, generator=g), torch.randn(40, 5, generator=g)
+    assert torch.allclose(lighttoken_loss(e, e_hat, weight=w.float()),
+                          lighttoken_loss(e.repeat_interleave(w, 0), e_hat.repeat_interleave(w, 0)), atol=1e-5)
+    with pytest.raises(ValueError, match="freq_power"):
+        LightTokenConfig(freq_power=2.0)

@@ -6,10 +6,10 @@ import logging
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import data
 from ..core import fidelity
+from ..frequency import token_counts
 from .context import EvalContext
 from .results import result
 
@@ -24,18 +24,7 @@ FREQUENCY_BUCKETS: tuple[tuple[str, int, int | None], ...] = (
 )
 """(name, lowest count, highest count or None) of the token-frequency buckets, counts on the Wikipedia text."""
 
-
-def token_counts(tokenizer: Any, texts: list[str], vocab_size: int) -> torch.Tensor:
-    """How often each token id occurs when ``texts`` are tokenized (no special tokens).
-
-    Returns:
-        int64 [vocab_size]; ids >= vocab_size (added tokens beyond the matrix) are dropped.
-    """
-    counts = torch.zeros(vocab_size, dtype=torch.int64)
-    for text in tqdm(texts, desc="fidelity: counting tokens", unit="article"):
-        ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.int64)
-        counts += torch.bincount(ids[ids < vocab_size], minlength=vocab_size)
-    return counts
+__all__ = ["FREQUENCY_BUCKETS", "cosine_by_bucket", "run", "token_counts"]
 
 
 def cosine_by_bucket(original: torch.Tensor, reconstructed: torch.Tensor, counts: torch.Tensor) -> dict[str, tuple[float, int]]:

@@ -25,7 +25,12 @@ class LightTokenEmbedding(CompressedEmbedding):
     Tensors: ``lowrank_p`` float [V, k] (= U_k S_k) and ``lowrank_q`` float [d, k] (= V_k), absent when
     k = 0; ``codes`` uint8 [V, ceil(M/8)] (persistent buffer); ``decoder`` float [d, M];
     ``decoder_bias`` float [d].
-    Hyper-parameters: ``rank`` (k), ``bits`` (bits of each stage; M = their sum).
+    Hyper-parameters: ``rank`` (k), ``bits`` (bits of each stage; M = their sum), ``exact_rows`` (n).
+
+    Exact rows (n > 0): ``exact_ids`` int32 [n] (sorted, unique token ids; persistent buffer) and
+    ``exact_rows`` float [n, d] hold n rows verbatim (the special tokens and the most frequent tokens of a
+    corpus, chosen at fit time). A lookup of such an id returns its stored row, and tied logits of those
+    ids are ``h . exact_row``; every other row is decoded as above.
 
     Tied output heads: :meth:`compute_logits` evaluates ``(h Q) P^T + (h W_d) B^T + h.c`` over chunks of
     the vocabulary (the unpacked codes of one chunk at a time), never building E_hat. Call
@@ -52,6 +57,10 @@ class LightTokenEmbedding(CompressedEmbedding):
     def num_bits(self) -> int:
         return sum(self.stage_bits)
 
+    @property
+    def num_exact(self) -> int:
+        return int(self.hparams.get("exact_rows", 0))
+
     def allocate(self) -> None:
         V, d, k, m = self.num_embeddings, self.embedding_dim, self.rank, self.num_bits
         if k > 0:
@@ -60,6 +69,9 @@ class LightTokenEmbedding(CompressedEmbedding):
         self.register_buffer("codes", torch.empty(V, (m + 7) // 8, dtype=torch.uint8), persistent=True)
         self.decoder = nn.Parameter(torch.empty(d, m))
         self.decoder_bias = nn.Parameter(torch.empty(d))
+        if self.num_exact > 0:
+            self.register_buffer("exact_ids", torch.empty(self.num_exact, dtype=torch.int32), persistent=True)
+            self.exact_rows = nn.Parameter(torch.empty(self.num_exact, d))
         self._dense: torch.Tensor | None = None
 
     def reset_parameters(self, init: Any = None) -> None:
@@ -67,6 +79,9 @@ class LightTokenEmbedding(CompressedEmbedding):
         for p in self.parameters(recurse=False):
             init.normal_(p, mean=0.0, std=0.02)
         init.zeros_(self.codes)
+        if self.num_exact > 0 and not getattr(self.exact_ids, "_is_hf_initialized", False):
+            with torch.no_grad():  # any sorted unique ids keep lookups well defined
+                self.exact_ids.copy_(torch.arange(self.num_exact, dtype=torch.int32))
 
     # --- decoding ------------------------------------------------------------------------------
     def _bits(self, packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -79,6 +94,11 @@ class LightTokenEmbedding(CompressedEmbedding):
         out = F.linear(self._bits(self.codes[input_ids], w.dtype), w, self.decoder_bias)
         if self.rank > 0:
             out = out + F.embedding(input_ids, self.lowrank_p, self.padding_idx) @ self.lowrank_q.T
+        if self.num_exact > 0:
+            ids = self.exact_ids.to(input_ids.dtype)
+            pos = torch.searchsorted(ids, input_ids).clamp_max(self.num_exact - 1)
+            hit = ids[pos] == input_ids
+            out = torch.where(hit.unsqueeze(-1), F.embedding(pos, self.exact_rows).to(out.dtype), out)
         return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -96,13 +116,18 @@ class LightTokenEmbedding(CompressedEmbedding):
             if hq is not None:
                 part = part + hq @ self.lowrank_p[i : i + self.logits_chunk].T
             parts.append(part)
-        return torch.cat(parts, dim=-1) + hc.unsqueeze(-1)
+        logits = torch.cat(parts, dim=-1) + hc.unsqueeze(-1)
+        if self.num_exact > 0:
+            logits = logits.index_copy(-1, self.exact_ids.long(), hidden @ self.exact_rows.T)
+        return logits
 
     def reconstruct(self) -> torch.Tensor:
         w = self.decoder
         out = F.linear(self._bits(self.codes, w.dtype), w, self.decoder_bias)
         if self.rank > 0:
             out = out + self.lowrank_p @ self.lowrank_q.T
+        if self.num_exact > 0:
+            out = out.index_copy(0, self.exact_ids.long(), self.exact_rows.to(out.dtype))
         return out
 
     # --- dense cache ---------------------------------------------------------------------------
@@ -123,7 +148,7 @@ class LightTokenEmbedding(CompressedEmbedding):
     def logits_cost(self) -> dict[str, Any]:
         """Multiply-adds per output token of tied logits, factored vs dense, and the extra memory of dense."""
         V, d, k, m = self.num_embeddings, self.embedding_dim, self.rank, self.num_bits
-        factored = d * (k + m + 1) + V * (k + m)
+        factored = d * (k + m + 1 + self.num_exact) + V * (k + m)
         dense = d * V
         return {
             "factored_macs_per_token": factored,

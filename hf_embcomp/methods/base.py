@@ -110,13 +110,17 @@ class CompressionMethod:
     name: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     paper: ClassVar[str] = ""
+    uses_token_counts: ClassVar[bool] = False
+    """True when :meth:`fit` takes ``token_counts`` and ``special_ids`` (token frequencies of a corpus)."""
 
-    def fit(self, weight: torch.Tensor, config: MethodConfig) -> dict[str, torch.Tensor]:
+    def fit(self, weight: torch.Tensor, config: MethodConfig, **context: Any) -> dict[str, torch.Tensor]:
         """Fit the compressed representation of a token-embedding matrix.
 
         Args:
             weight: E, float32 [V, d] (on the device where the fit should run).
             config: the method's hyper-parameters.
+            **context: for methods with ``uses_token_counts``: ``token_counts`` (int64 [V], how often each
+                token occurs in a corpus, or None) and ``special_ids`` (the tokenizer's special token ids).
 
         Returns:
             The runtime module's tensors by name (float tensors in float32, already rounded to
