@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
         payload["baselines"] = old.get("baselines", {})
         payload["settings"] = old.get("settings", {})
         payload["models"] = sorted(set(old.get("models", [])) | set(models), key=lambda m: (m != "minilm", m))
+        payload["ratios"] = sorted({float(r) for r in old.get("ratios", [])} | {float(r) for r in ratios})
     done = done_keys(payload["rows"])
 
     def add(row: dict) -> None:

@@ -304,3 +304,13 @@ def test_sweep_resumes_and_plots(tmp_path, monkeypatch, capsys):
     assert main(argv) == 0
     assert png.stat().st_mtime_ns >= stamp
     assert "svd" in capsys.readouterr().out
+
+
+def test_sweep_hyperparameters_must_belong_to_a_method(tmp_path):
+    from hf_embcomp.evaluation.sweep import run_sweep
+
+    def never():
+        raise AssertionError("the model must not be loaded before the arguments are checked")
+
+    with pytest.raises(ValueError, match="epochs"):
+        run_sweep(never, ["svd"], [10.0], tmp_path, ("fidelity",), hyperparameters={"epochs": 2})

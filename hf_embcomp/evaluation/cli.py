@@ -101,10 +101,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not suites or bad:
         raise UserError(f"unknown suite {', '.join(bad) or '(none)'}; choose from {', '.join(SUITES)}")
     _check_common(args)
+    from hf_embcomp.cli import _hp_args
+
     out = Path(args.output_dir)
     docs = run_sweep(lambda: load_model(args.model, gguf_file=args.gguf_file), methods, _ratios(args.ratios), out,
-                     suites, quick=args.quick, max_steps=args.max_steps, seed=args.seed, data_dir=args.data_dir,
-                     device=args.device, tasks=_csv(args.tasks))
+                     suites, hyperparameters=_hp_args(args.hp), quick=args.quick, max_steps=args.max_steps,
+                     seed=args.seed, data_dir=args.data_dir, device=args.device, tasks=_csv(args.tasks))
     png = plot_sweep(docs, out / PLOT_FILE)
     print(f"hf-embcomp sweep: {docs[0]['source_model']} -> {out}")
     print(format_sweep(docs))
@@ -134,6 +136,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="local folder, Hub id, or .gguf file (default: the embedded all-MiniLM-L6-v2)")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside MODEL")
     p.add_argument("--methods", default="svd", help="comma-separated method names (default: svd)")
+    p.add_argument("--hp", action="append", metavar="KEY=VALUE",
+                   help="a method hyper-parameter for every method that has it (e.g. --hp epochs=3); repeatable")
     p.add_argument("--ratios", default="5,10,25,50,100", help="comma-separated compression ratios (default: 5,10,25,50,100)")
     p.add_argument("--suite", default="fidelity,sentence", help="comma-separated suites (default: fidelity,sentence)")
     p.add_argument("--tasks", default=None, help="only these GLUE tasks and lm corpora")

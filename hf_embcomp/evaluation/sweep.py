@@ -41,6 +41,7 @@ def run_sweep(
     ratios: list[float],
     out: str | Path,
     suites: tuple[str, ...],
+    hyperparameters: dict[str, Any] | None = None,
     **evaluate_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Compress the source with every method at every ratio and evaluate each cell.
@@ -51,6 +52,8 @@ def run_sweep(
         ratios: compression ratios vs fp32.
         out: the sweep folder (created).
         suites: evaluation suites for every cell.
+        hyperparameters: method hyper-parameters (e.g. ``{"epochs": 3}``), each given to the methods whose
+            config has that field; a key no method has raises ValueError.
         **evaluate_kwargs: passed to :func:`hf_embcomp.evaluation.evaluate` (quick, max_steps, ...).
 
     Returns:
@@ -61,6 +64,15 @@ def run_sweep(
     """
     import hf_embcomp
 
+    import dataclasses
+
+    from ..methods import get_method
+
+    hp = dict(hyperparameters or {})
+    fields = {m: {f.name for f in dataclasses.fields(get_method(m).config_class)} for m in methods}
+    unused = sorted(k for k in hp if not any(k in f for f in fields.values()))
+    if unused:
+        raise ValueError(f"hyper-parameter(s) {unused} belong to none of the methods {methods}; check --hp.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     docs, src = [], None
@@ -80,6 +92,7 @@ def run_sweep(
             source=src.name if src.gguf_file is None else f"{src.name}::{src.gguf_file}",
             source_revision=src.revision, source_dtype=src.embedding_dtype, source_embedding_bytes=src.embedding_bytes,
             tokenizer=src.tokenizer, source_folder=str(src.folder) if src.folder else None,
+            **{k: v for k, v in hp.items() if k in fields[method]},
         )
         save_compressed(model, cell / "model", overwrite=True)
         del model
