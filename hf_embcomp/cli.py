@@ -84,6 +84,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise UserError(f"unknown method {args.method!r}; choose one of: {', '.join(sorted(hf_embcomp.METHODS))}.")
     if args.ratio is not None:
         check_ratio(args.ratio)  # cheap checks before the model is loaded
+    if args.corpus is not None and not Path(args.corpus).is_file():
+        raise UserError(f"--corpus {args.corpus} is not a file; pass a UTF-8 text file (or leave --corpus out).")
     if args.quiet:
         import transformers
 

@@ -193,6 +193,9 @@ def compress(
     logger.info("fitting %s on a %d x %d embedding (%s)", method, V, d, cfg)
     context: dict[str, Any] = {}
     counts_source = None
+    if corpus is not None and (tokenizer is None or not meth.uses_token_counts):
+        raise ValueError("corpus= needs a tokenizer and a method that uses token frequencies (lighttoken); "
+                         "pass tokenizer= or leave corpus out.")
     if meth.uses_token_counts:
         special = [int(i) for i in getattr(tokenizer, "all_special_ids", None) or [] if 0 <= int(i) < V]
         if token_counts is None and tokenizer is not None and getattr(cfg, "exact_rows", 0):

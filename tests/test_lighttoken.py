@@ -254,3 +254,22 @@ def test_weighted_refit_equals_repeated_rows():
                           lighttoken_loss(e.repeat_interleave(w, 0), e_hat.repeat_interleave(w, 0)), atol=1e-5)
     with pytest.raises(ValueError, match="freq_power"):
         LightTokenConfig(freq_power=2.0)
+
+
+def test_corpus_picks_the_exact_rows(tmp_path, minilm_path):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, max_position_embeddings=64)).eval()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("zebra zebra zebra giraffe giraffe okapi\n" * 50, encoding="utf-8")
+    comp = hf_embcomp.compress(model, "lighttoken", 10, tokenizer=tok, corpus=str(corpus), exact_rows=16, **FAST)
+    ids = set(comp.get_compressed_embedding().exact_ids.tolist())
+    words = set(tok("zebra giraffe okapi", add_special_tokens=False)["input_ids"])
+    assert len(words) + len(tok.all_special_ids) <= 16
+    assert set(tok.all_special_ids) <= ids and words <= ids
+    assert "corpus.txt" in comp.compression_report["token_counts_source"]
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        hf_embcomp.compress(model, "lighttoken", 10, corpus=str(corpus), **FAST)

@@ -63,6 +63,8 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
         (["--rank", "0"], "rank must be >= 1"),
         (["--hp", "dtype=int3"], "dtype 'int3' is not supported"),
         (["--hp", "foo=1"], "unknown hyper-parameter(s) ['foo'] for svd; known:"),
+        (["--method", "lighttoken", "--corpus", "/no/such/corpus.txt"], "--corpus /no/such/corpus.txt is not a file"),
+        (["--method", "lighttoken", "--hp", "exact_rows=-1"], "exact_rows must be >= 0"),
     ],
 )
 def test_bad_compress_arguments(tiny_dir, tmp_path, capsys, extra, message):
