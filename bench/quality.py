@@ -224,7 +224,7 @@ def plot(payload: dict, out: Path) -> list[str]:
         axes[1].legend(fontsize=7)
         fig.suptitle(f"{model_key}: quality at equal stored bytes (solid: hf-embcomp, dashed: peers)")
         fig.tight_layout()
-        p = out.parent / f"quality_{model_key}.png"
+        p = out.parent / f"{out.stem}_{model_key}.png"  # quality.json -> quality_minilm.png
         fig.savefig(p, dpi=110)
         plt.close(fig)
         files.append(p.name)
