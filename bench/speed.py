@@ -360,7 +360,7 @@ def plot(p: dict, out: Path) -> list[str]:
     axes[2].set_title("peak RSS of load + forward (MiB)", fontsize=9)
     axes[2].tick_params(labelsize=7)
     fig.tight_layout()
-    path = out.parent / "speed.png"
+    path = out.parent / f"{out.stem}.png"  # speed.json -> speed.png
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [path.name]
