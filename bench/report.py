@@ -188,6 +188,40 @@ def scale_section(c: dict, link: str) -> list[str]:
     return out
 
 
+SWEEP_COLUMNS = (
+    (("fidelity", "embedding", "row_cosine_mean"), "row cos", 3),
+    (("fidelity", "embedding", "row_cosine_p01"), "p01", 3),
+    (("fidelity", "embedding", "relative_frobenius_error"), "rel frob", 3),
+    (("fidelity", "frequency_1-9", "row_cosine_mean"), "row cos, tokens seen 1-9x", 3),
+    (("sentence", "embedding_cosine", "cosine_to_uncompressed"), "sentence cos", 3),
+    (("sentence", "sentiment_probe", "accuracy"), "probe acc", 3),
+    (("lm", "wikipedia", "perplexity"), "ppl (Wikipedia)", 1),
+)
+"""(suite, task, metric) -> column of the sweep tables; columns no cell has are left out."""
+
+
+def sweep_section(name: str, docs: list[dict], link: str) -> list[str]:
+    """Table of one sweep folder (bench/results/sweep_NAME/*.json, see bench/collect_sweep.py) + its plot."""
+    docs = sorted(docs, key=lambda d: (d["method"], d["compression_ratio"]))
+    vals = [{(r["suite"], r["task"], r["metric"]): r for r in d["results"]} for d in docs]
+    cols = [c for c in SWEEP_COLUMNS if any(c[0] in v for v in vals)]
+    first = next(iter(vals[0].values()))
+    quick = first.get("settings", {}).get("quick")
+    out = ["", f"### Sweep: {docs[0]['source_model']}", "",
+           f"`hf-embcomp sweep` ({'--quick, ' if quick else ''}cells in `bench/results/sweep_{name}/`; every metric "
+           "computed by `hf-embcomp evaluate`, numbers of examples in the cell files; fit s = compression time of the "
+           "cell, token counting included):", ""]
+    base = {c[0]: next((v[c[0]]["baseline"] for v in vals if c[0] in v), None) for c in cols}
+    rows = [["uncompressed", "1", *[_f(base[c[0]], c[2]) for c in cols], "–"]]
+    for d, v in zip(docs, vals):
+        rows.append([d["method"], _f(d["compression_ratio"], 1),
+                     *[_f(v[c[0]]["compressed"], c[2]) if c[0] in v else "–" for c in cols],
+                     _f(d.get("compression_report", {}).get("fit_seconds"), 0)])
+    out.append(md_table(["method", "ratio", *[c[1] for c in cols], "fit s"], rows))
+    out += ["", f"![sweep {name}]({link}sweep_{name}/pareto.png)"]
+    return out
+
+
 START, END = "<!-- results:start (bench/report.py --readme) -->", "<!-- results:end -->"
 
 
@@ -202,6 +236,10 @@ def render(results: Path, link: str) -> str:
             lines += ["", f"_No {name}.json yet: run `python bench/{name}.py`._", ""]
         else:
             lines += fn(data, link)
+    for folder in sorted(results.glob("sweep_*")):
+        docs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+        if docs:
+            lines += sweep_section(folder.name.removeprefix("sweep_"), docs, link)
     return "\n".join(lines) + "\n"
 
 

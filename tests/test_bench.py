@@ -112,3 +112,36 @@ def test_scripts_follow_the_registry():
         sys.path.remove(str(BENCH))
     assert common.registered_methods() == list(hf_embcomp.METHODS)
     assert common.registered_methods("svd,nonexistent") == ["svd"]
+
+
+def test_sweep_cells_collected_and_rendered(tmp_path):
+    """bench/collect_sweep.py copies finished cells (+ fit seconds) and the report renders their values."""
+    from hf_embcomp.evaluation.results import new_results, result, write_results
+
+    sweep = tmp_path / "sweep"
+    for method, ratio, ppl, fit in (("svd", 10.2, 812.5, 3.25), ("lighttoken", 25.1, 47.25, 61.0)):
+        cell = sweep / f"{method}-x{ratio:g}"
+        (cell / "model").mkdir(parents=True)
+        doc = new_results(str(cell / "model"), "src", {"method": method, "compression_ratio": ratio, "hyperparameters": {}}, "cpu")
+        ds = {"id": "w", "name": "W", "n": 99}
+        doc["results"] = [result("lm", "wikipedia", "text-generation", ds, "perplexity", 20.0, ppl, False, {"seed": 0, "quick": False})]
+        write_results(doc, cell / "eval_results.json")
+        (cell / "model" / "compression_report.json").write_text(json.dumps({"fit_seconds": fit, "stored_bytes": 7}))
+    (sweep / "unfinished-x5" / "model").mkdir(parents=True)  # no eval_results.json: not copied
+    results = tmp_path / "results"
+    results.mkdir()
+    sys.path.insert(0, str(BENCH))
+    try:
+        import collect_sweep
+        import report
+    finally:
+        sys.path.remove(str(BENCH))
+    paths = collect_sweep.collect(sweep, results / "sweep_toy")
+    assert sorted(p.name for p in paths) == ["lighttoken-x25.1.json", "svd-x10.2.json"]
+    assert json.loads(paths[1].read_text())["compression_report"] == {"fit_seconds": 3.25, "stored_bytes": 7}
+    text = report.render(results, "")
+    rows = [line for line in text.splitlines() if line.startswith("| svd ") or line.startswith("| lighttoken ")]
+    assert rows == ["| lighttoken | 25.1 | 47.2 | 61 |", "| svd | 10.2 | 812.5 | 3 |"]
+    assert "| uncompressed | 1 | 20.0 | – |" in text and "sweep_toy/pareto.png" in text
+    with pytest.raises(SystemExit, match="no finished cell"):
+        collect_sweep.collect(sweep / "unfinished-x5", results / "sweep_empty")

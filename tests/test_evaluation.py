@@ -224,6 +224,20 @@ def test_lm_suite_on_tiny_compressed_models(tmp_path, monkeypatch, bert_tokenize
         # a random tiny model is near-uniform over the vocabulary; compression changes the value
         assert 0.2 * V < r["baseline"] < 5 * V and r["compressed"] != r["baseline"]
 
+    # a second compressed model of the same source (what a sweep does): the baseline's perplexities are
+    # memoised for the process, so the baseline model is not loaded again and its values are identical
+    from hf_embcomp.evaluation.context import EvalContext
+
+    smaller = hf_embcomp.compress(model, "svd", 8, source=str(src), tokenizer=bert_tokenizer, source_folder=str(src))
+    hf_embcomp.save_compressed(smaller, tmp_path / "c8")
+    loaded, real_load = [], EvalContext.load
+    monkeypatch.setattr(EvalContext, "load", lambda self, which, *a, **k: loaded.append(which) or real_load(self, which, *a, **k))
+    doc8, _ = evaluate(str(tmp_path / "c8"), suites=("lm",), quick=True, device="cpu")
+    assert loaded == ["compressed"]
+    rows8 = {r["task"]: r for r in doc8["results"]}
+    for task, r in rows.items():
+        assert rows8[task]["baseline"] == r["baseline"] and rows8[task]["compressed"] != r["compressed"]
+
 
 # ---- the command line ------------------------------------------------------------------------------
 

@@ -18,6 +18,17 @@ from ..io import DEFAULT_MODEL, default_model_path
 logger = logging.getLogger(__name__)
 
 
+_BASELINE_MEMO: dict[tuple[Any, ...], Any] = {}
+"""Process-wide values computed from an uncompressed baseline (its embedding matrix, its perplexity):
+the baseline never changes inside one process, so a sweep computes them once, not once per cell. Keys
+start with the baseline's :class:`ModelRef`; models that are fine-tuned are never kept here."""
+
+
+def clear_baseline_memo() -> None:
+    """Forget every memoised baseline value (frees the baseline embedding matrices)."""
+    _BASELINE_MEMO.clear()
+
+
 class SuiteSkipped(Exception):
     """A suite does not apply to this model (the message says why); the run goes on without it."""
 
@@ -152,11 +163,24 @@ class EvalContext:
         model = auto_class.from_pretrained(ref.target, dtype=torch.float32, **dict(ref.kwargs), **kwargs)
         return model.to(self.device).eval()
 
+    def baseline_memo(self, key: tuple[Any, ...]) -> Any | None:
+        """A value memoised for this baseline under ``key`` by :meth:`remember`, or None."""
+        return _BASELINE_MEMO.get((self.baseline, *key))
+
+    def remember(self, key: tuple[Any, ...], value: Any) -> Any:
+        """Memoise ``value`` (computed from the unchanged baseline only) for this process; returns it."""
+        _BASELINE_MEMO[(self.baseline, *key)] = value
+        return value
+
     def embedding_matrix(self, which: str) -> torch.Tensor:
-        """The token-embedding matrix as float32 [V, d] on CPU: E for ``"baseline"``, the reconstruction
-        E_hat for ``"compressed"``."""
+        """The token-embedding matrix as float32 [V, d] on CPU: E for ``"baseline"`` (read once per process
+        and baseline, see :func:`clear_baseline_memo`; do not modify it), the reconstruction E_hat for
+        ``"compressed"``."""
+        if which == "baseline" and (E := self.baseline_memo(("embedding_matrix",))) is not None:
+            return E
         model = self.load(which)
         emb = model.get_input_embeddings()
         with torch.no_grad():
             w = emb.reconstruct() if which == "compressed" else emb.weight
-            return w.detach().float().cpu().clone()
+            w = w.detach().float().cpu().clone()
+        return self.remember(("embedding_matrix",), w) if which == "baseline" else w
