@@ -7,6 +7,14 @@ counted the way design.md §4 counts ours: every byte needed to rebuild the matr
   (the codebooks are rounded to fp16 and the rebuild uses the rounded ones).
 - faiss-cpu residual quantisation (RQ, M stages of 8 bits, beam search): codes V*M + M * 2^8 * d fp16.
 
+- torchao (``quantize_`` with ``IntxWeightOnlyConfig`` on the ``nn.Embedding``, the recipe torchao documents for
+  embeddings): int8 / int4 / int2 per row (its default symmetric mapping; it stores an fp32 scale and an int8
+  zero point a row) and int4 in groups of
+  32. torchao 0.18 keeps int4 / int2 codes unpacked in int8; the ratio here counts them packed
+  (bits * V * d / 8 + its scales and zero points at their own dtypes), the peer's best case; the bytes it
+  really holds are recorded as ``in_memory_bytes``. (optimum-quanto installs too, but quantises only Linear,
+  Conv2d and LayerNorm modules, not embeddings: nothing to compare.)
+
 Each solver picks the largest size whose bytes meet the requested ratio (ratio >= requested).
 """
 
@@ -199,6 +207,40 @@ def residual_quantise(E: torch.Tensor, ratio: float, nbits: int = 8, max_stages:
                                                            "train_rows": min(train_rows or V, V)})
 
 
+# --- torchao -------------------------------------------------------------------------------------------
+
+def torchao_quantise(E: torch.Tensor, bits: int, group_size: int | None = None) -> PeerResult:
+    """torchao weight-only integer quantisation of an ``nn.Embedding`` holding E (float32 [V, d]).
+
+    Raises:
+        PeerUnavailable: torchao is not installed.
+    """
+    try:
+        import logging
+
+        logging.getLogger("torchao").setLevel(logging.ERROR)  # its CUDA-only extensions fail to load on CPU
+        from torchao.quantization import IntxWeightOnlyConfig, quantize_
+        from torchao.quantization.granularity import PerAxis, PerGroup
+    except ImportError as e:
+        raise PeerUnavailable(f"torchao not installed ({e}); pip install torchao") from None
+    t0 = time.perf_counter()
+    V, d = E.shape
+    module = torch.nn.Sequential(torch.nn.Embedding.from_pretrained(E.detach().float().clone()))
+    cfg = IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"),
+                               granularity=PerAxis(0) if group_size is None else PerGroup(group_size))
+    quantize_(module, cfg, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Embedding))
+    w = module[0].weight
+    with torch.no_grad():
+        rec = module[0](torch.arange(V)).float()
+    parts = {n: getattr(w, n) for n in w.__tensor_flatten__()[0]}
+    in_memory = sum(t.nbytes for t in parts.values())
+    packed = math.ceil(V * d * bits / 8) + sum(t.nbytes for n, t in parts.items() if n != "qdata")
+    return PeerResult(f"torchao int{bits}" + (f" g{group_size}" if group_size else " row"), "torchao", rec, packed,
+                      time.perf_counter() - t0, {"bits": bits, "group_size": group_size, "granularity": type(cfg.granularity).__name__,
+                                                 "tensor": type(w).__name__, "in_memory_bytes": in_memory,
+                                                 "stored_dtypes": {n: str(t.dtype) for n, t in parts.items()}})
+
+
 # --- registry -----------------------------------------------------------------------------------------
 
 # name -> (kind, function). kind "fixed": one point at the bit width's own ratio; "ratio": solved per ratio.
@@ -207,6 +249,10 @@ PEERS: dict[str, tuple[str, Callable[..., PeerResult]]] = {
     "int4-row": ("fixed", lambda E, r, **kw: scalar_quantise(E, 4)),
     "int2-row": ("fixed", lambda E, r, **kw: scalar_quantise(E, 2)),
     "sign-row": ("fixed", lambda E, r, **kw: scalar_quantise(E, 1)),
+    "torchao-int8": ("fixed", lambda E, r, **kw: torchao_quantise(E, 8)),
+    "torchao-int4": ("fixed", lambda E, r, **kw: torchao_quantise(E, 4)),
+    "torchao-int4-g32": ("fixed", lambda E, r, **kw: torchao_quantise(E, 4, 32)),
+    "torchao-int2": ("fixed", lambda E, r, **kw: torchao_quantise(E, 2)),
     "faiss-pq": ("ratio", lambda E, r, **kw: product_quantise(E, r, threads=kw.get("threads"),
                                                               train_rows=kw.get("train_rows") or TRAIN_ROWS)),
     "faiss-rq": ("ratio", lambda E, r, **kw: residual_quantise(E, r, max_stages=kw.get("rq_max_stages", 16),

@@ -145,3 +145,28 @@ def test_sweep_cells_collected_and_rendered(tmp_path):
     assert "| uncompressed | 1 | 20.0 | – |" in text and "sweep_toy/pareto.png" in text
     with pytest.raises(SystemExit, match="no finished cell"):
         collect_sweep.collect(sweep / "unfinished-x5", results / "sweep_empty")
+
+
+def test_torchao_peer_bytes_and_error():
+    """The torchao peer: packed bytes = codes at their bit width + torchao's own scales / zero points, and its
+    per-row int8 reconstruction is within half a quantisation step of E (torchao's default int8 is symmetric:
+    step = 2 * max|row| / 255)."""
+    pytest.importorskip("torchao")
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import peers
+    finally:
+        sys.path.remove(str(BENCH))
+    g = torch.Generator().manual_seed(0)
+    E = torch.randn(200, 64, generator=g)
+    r8 = peers.torchao_quantise(E, 8)
+    scales = r8.stored_bytes - 200 * 64  # fp32 scale + int8 zero point a row
+    assert scales == 200 * (4 + 1)
+    step = 2 * E.abs().amax(1) / 255
+    assert ((r8.reconstruction - E).abs().amax(1) <= step * 0.51 + 1e-6).all()
+    r4 = peers.torchao_quantise(E, 4, 32)
+    assert r4.stored_bytes == 200 * 64 // 2 + 200 * 2 * (4 + 1) and r4.params["in_memory_bytes"] > r4.stored_bytes
+    err = [float((r.reconstruction - E).norm() / E.norm()) for r in (r8, r4, peers.torchao_quantise(E, 2))]
+    assert err[0] < err[1] < err[2] < 1
