@@ -102,6 +102,10 @@ def random_runtime_module(method: str, V: int, d: int, ratio: float):
         for _, t in list(emb.named_parameters(recurse=False)) + list(emb.named_buffers(recurse=False)):
             if t.is_floating_point():
                 t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+            elif t.dtype == torch.uint8:  # packed codes: every byte value, as a fitted model has
+                t.copy_(torch.randint(0, 256, t.shape, generator=g, dtype=torch.uint8))
+            elif t.ndim == 1:  # sorted unique ids (LightToken's exact rows)
+                t.copy_(torch.arange(t.numel(), dtype=t.dtype) * (V // max(t.numel(), 1)))
             else:
                 t.zero_()
     return emb.eval()
@@ -113,6 +117,16 @@ def unpack_shifts(packed: torch.Tensor, num_bits: int, dtype: torch.dtype = torc
 
     bits = (packed.unsqueeze(-1) >> _BIT_SHIFTS.to(packed.device)) & 1
     return bits.reshape(*packed.shape[:-1], -1)[..., :num_bits].to(dtype)
+
+
+def _logits_unpacked(mod: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Tied logits with the byte tables switched off (every code bit unpacked): the path before them."""
+    old = mod.logits_table_rows
+    mod.logits_table_rows = 0
+    try:
+        return mod.compute_logits(h)
+    finally:
+        mod.logits_table_rows = old
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -251,11 +265,13 @@ def main(argv: list[str] | None = None) -> dict:
                 mods[m] = random_runtime_module(m, Vs, ds, args.ratio)
             except Exception as e:  # noqa: BLE001
                 head.append({"name": m, "status": "skipped", "error": f"{type(e).__name__}: {e}"})
-        for n_tok in (1, 128):
+        for n_tok in (1, 4, 128):
             h = torch.randn(n_tok, ds, generator=g)
             fns = {"dense h @ E.T": (lambda h: lambda: h @ Es.T)(h)}
             for m, mod in mods.items():
                 fns[m] = (lambda mod, h: lambda: mod.compute_logits(h))(mod, h)
+                if getattr(mod, "logits_table_rows", 0) >= n_tok:  # before/after of the byte tables, same run
+                    fns[f"{m} (unpacked codes)"] = (lambda mod, h: lambda: _logits_unpacked(mod, h))(mod, h)
             with torch.no_grad():
                 res = common.interleaved(fns, reps)
             b = res["dense h @ E.T"]["median_ms"]

@@ -195,6 +195,11 @@ def test_tied_causal_lm_logits_from_factors():
         assert (out.logits - expect).abs().max() < 1e-4
         emb.logits_chunk = 300  # exercise the chunked path over the vocabulary
         assert (emb.compute_logits(hidden) - expect).abs().max() < 1e-4
+        for rows in (0, 100):  # unpacked codes always / byte tables for these 18 hidden rows
+            emb.logits_table_rows = rows
+            assert (emb.compute_logits(hidden) - expect).abs().max() < 1e-4
+            assert (emb.compute_logits(hidden[0, :1]) - expect[0, :1]).abs().max() < 1e-4
+        emb.logits_table_rows = type(emb).logits_table_rows
         emb.materialize()
         assert (emb.compute_logits(hidden) - expect).abs().max() < 1e-4
         assert torch.allclose(emb.embed(ids), dense[ids])

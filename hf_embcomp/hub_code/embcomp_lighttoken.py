@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .embcomp_base import CompressedEmbedding, unpack_bits
+from .embcomp_base import CompressedEmbedding, _unpack_table, unpack_bits
 
 
 class LightTokenEmbedding(CompressedEmbedding):
@@ -33,7 +33,11 @@ class LightTokenEmbedding(CompressedEmbedding):
     ids are ``h . exact_row``; every other row is decoded as above.
 
     Tied output heads: :meth:`compute_logits` evaluates ``(h Q) P^T + (h W_d) B^T + h.c`` over chunks of
-    the vocabulary (the unpacked codes of one chunk at a time), never building E_hat. Call
+    the vocabulary, never building E_hat. ``(h W_d) B^T`` is read from byte tables when few hidden rows
+    come at once (generation: at most :attr:`logits_table_rows`): for each code byte j, the 256 partial
+    sums of ``h W_d`` over its 8 bits, so a row's term is ``sum_j table_j[code byte j]`` (the asymmetric
+    distance computation of product quantisation, Jegou et al. 2011); with more rows the codes of a chunk
+    are unpacked once and multiplied. Call
     :meth:`materialize` to cache the dense E_hat instead (faster per token when k + M >= d, at the memory
     of a V x d float matrix; :meth:`logits_cost` gives both costs). The cache is not saved and is dropped
     by ``materialize(False)``; re-materialise after changing the parameters.
@@ -41,6 +45,8 @@ class LightTokenEmbedding(CompressedEmbedding):
 
     method = "lighttoken"
     logits_chunk = 8192
+    logits_table_rows = 4
+    """Tied logits of at most this many hidden rows use byte tables (0: always unpack the codes)."""
 
     @property
     def rank(self) -> int:
@@ -109,10 +115,15 @@ class LightTokenEmbedding(CompressedEmbedding):
         hw = hidden @ w  # [..., M]
         hq = hidden @ self.lowrank_q if self.rank > 0 else None  # [..., k]
         hc = hidden @ self.decoder_bias  # [...]
+        lut = self._byte_tables(hw) if hw[..., 0].numel() <= self.logits_table_rows else None
         parts = []
         for i in range(0, self.num_embeddings, self.logits_chunk):
-            b = self._bits(self.codes[i : i + self.logits_chunk], w.dtype)  # [c, M]
-            part = hw @ b.T
+            codes = self.codes[i : i + self.logits_chunk]  # [c, nbytes]
+            if lut is not None:  # [..., nbytes * 256] -> sum over bytes of table_j[code_j]
+                idx = codes.to(torch.int32) + self._byte_offsets(codes)
+                part = lut.index_select(-1, idx.reshape(-1)).unflatten(-1, idx.shape).sum(-1)
+            else:
+                part = hw @ self._bits(codes, w.dtype).T  # [..., c]
             if hq is not None:
                 part = part + hq @ self.lowrank_p[i : i + self.logits_chunk].T
             parts.append(part)
@@ -120,6 +131,17 @@ class LightTokenEmbedding(CompressedEmbedding):
         if self.num_exact > 0:
             logits = logits.index_copy(-1, self.exact_ids.long(), hidden @ self.exact_rows.T)
         return logits
+
+    def _byte_tables(self, hw: torch.Tensor) -> torch.Tensor:
+        """[..., M] -> [..., nbytes * 256]: entry (j, b) = sum of hw over the bits set in byte value b at byte j."""
+        nbytes = self.codes.shape[1]
+        hw = F.pad(hw, (0, 8 * nbytes - hw.shape[-1]))  # padding bits are 0 in the codes and weigh 0 here
+        table = _unpack_table(hw.dtype, hw.device)  # [256, 8], the bit order of unpack_bits
+        return (hw.unflatten(-1, (nbytes, 8)) @ table.T).flatten(-2)
+
+    @staticmethod
+    def _byte_offsets(codes: torch.Tensor) -> torch.Tensor:
+        return torch.arange(codes.shape[1], device=codes.device, dtype=torch.int32) * 256
 
     def reconstruct(self) -> torch.Tensor:
         w = self.decoder
