@@ -6,11 +6,9 @@ counted the way design.md §4 counts ours: every byte needed to rebuild the matr
 - faiss-cpu product quantisation (PQ, M sub-quantisers of 8 bits, trained on TRAIN_ROWS sampled rows): codes V*M + codebooks 2^8 * d at fp16
   (the codebooks are rounded to fp16 and the rebuild uses the rounded ones).
 - faiss-cpu residual quantisation (RQ, M stages of 8 bits, beam search): codes V*M + M * 2^8 * d fp16.
-
 - torchao (``quantize_`` with ``IntxWeightOnlyConfig`` on the ``nn.Embedding``, the recipe torchao documents for
   embeddings): int8 / int4 / int2 per row (its default symmetric mapping; it stores an fp32 scale and an int8
-  zero point a row) and int4 in groups of
-  32. torchao 0.18 keeps int4 / int2 codes unpacked in int8; the ratio here counts them packed
+  zero point a row) and int4 in groups of 32. torchao 0.18 keeps int4 / int2 codes unpacked in int8; the ratio here counts them packed
   (bits * V * d / 8 + its scales and zero points at their own dtypes), the peer's best case; the bytes it
   really holds are recorded as ``in_memory_bytes``. (optimum-quanto installs too, but quantises only Linear,
   Conv2d and LayerNorm modules, not embeddings: nothing to compare.)

@@ -7,7 +7,9 @@ Layout of the sweep folder::
     OUT/pareto.png                            one panel per metric: ratio (log x) vs value, a line per method,
                                               the uncompressed value as a dashed horizontal line
 
-A cell whose ``eval_results.json`` exists and validates is not recomputed.
+A cell whose ``eval_results.json`` exists and validates is not recomputed. The uncompressed baseline's
+embedding matrix and perplexities are computed once per process and reused by every cell
+(:func:`hf_embcomp.evaluation.context.clear_baseline_memo`); fine-tuned baselines (glue, squad) are not.
 """
 
 from __future__ import annotations
