@@ -269,6 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
         payload["settings"] = old.get("settings", {})
         payload["models"] = sorted(set(old.get("models", [])) | set(models), key=lambda m: (m != "minilm", m))
         payload["ratios"] = sorted({float(r) for r in old.get("ratios", [])} | {float(r) for r in ratios})
+        payload["methods"] = [m for m in common.registered_methods() if m in set(old.get("methods", [])) | set(methods)]
+        payload["peers"] = [p for p in peers_mod.PEERS if p in set(old.get("peers", [])) | set(peer_names)]
     done = done_keys(payload["rows"])
 
     def add(row: dict) -> None:
