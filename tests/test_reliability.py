@@ -292,39 +292,3 @@ def test_fuzz_config_block(tiny_dir, tmp_path_factory, key, value):
     ids = torch.randint(0, 300, (1, 6))
     with torch.no_grad():
         assert torch.equal(m(input_ids=ids).last_hidden_state, ref(input_ids=ids).last_hidden_state), (key, value)
-
-
-def test_gguf_cache_dequantises_once_per_file_version(tmp_path, monkeypatch):
-    """HF_EMBCOMP_GGUF_CACHE: the slow GGUF dequantisation runs once per file version; later loads (any Auto
-    class) read the same tensors from the cached safetensors; a changed file is dequantised again."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    from hf_embcomp import io
-
-    torch.manual_seed(0)
-    src = tmp_path / "src"
-    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)).save_pretrained(src)
-    gguf = src / "m.gguf"
-    gguf.write_bytes(b"GGUF")
-    calls = []
-
-    def slow(target, gguf_file, **kw):
-        calls.append(gguf_file)
-        return LlamaForCausalLM.from_pretrained(target, dtype=torch.float32)
-
-    monkeypatch.setattr(io, "_load_gguf_uncached", slow)
-    monkeypatch.setenv(io.GGUF_CACHE_ENV, str(tmp_path / "cache"))
-    first = io.gguf_from_pretrained(AutoModelForCausalLM, str(src), "m.gguf")
-    again = io.gguf_from_pretrained(AutoModelForCausalLM, str(src), "m.gguf")
-    base = io.gguf_from_pretrained(AutoModel, str(src), "m.gguf")
-    assert calls == ["m.gguf"]
-    ref = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32).state_dict()
-    for m in (first, again):
-        assert all(torch.equal(v, ref[k]) for k, v in m.state_dict().items())
-    assert torch.equal(base.embed_tokens.weight, ref["model.embed_tokens.weight"])
-    (folder,) = [p for p in (tmp_path / "cache").iterdir()]
-    assert folder.name.startswith("m-") and (folder / "model.safetensors").is_file()
-    os.utime(gguf, ns=(1, 1))  # a new version of the file: a new cache entry
-    io.gguf_from_pretrained(AutoModelForCausalLM, str(src), "m.gguf")
-    assert calls == ["m.gguf", "m.gguf"] and len(list((tmp_path / "cache").iterdir())) == 2

@@ -160,13 +160,7 @@ class EvalContext:
         :attr:`device`. ``kwargs`` go to ``from_pretrained`` (e.g. ``num_labels``)."""
         ref = {"baseline": self.baseline, "compressed": self.compressed}[which]
         logger.info("loading the %s model %s as %s", which, ref.name, auto_class.__name__)
-        if ref.gguf_file:
-            from ..io import gguf_from_pretrained
-
-            rest = {k: v for k, v in ref.kwargs if k != "gguf_file"}
-            model = gguf_from_pretrained(auto_class, ref.target, ref.gguf_file, dtype=torch.float32, **rest, **kwargs)
-        else:
-            model = auto_class.from_pretrained(ref.target, dtype=torch.float32, **dict(ref.kwargs), **kwargs)
+        model = auto_class.from_pretrained(ref.target, dtype=torch.float32, **dict(ref.kwargs), **kwargs)
         return model.to(self.device).eval()
 
     def baseline_memo(self, key: tuple[Any, ...]) -> Any | None:
