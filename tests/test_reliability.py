@@ -292,3 +292,34 @@ def test_fuzz_config_block(tiny_dir, tmp_path_factory, key, value):
     ids = torch.randint(0, 300, (1, 6))
     with torch.no_grad():
         assert torch.equal(m(input_ids=ids).last_hidden_state, ref(input_ids=ids).last_hidden_state), (key, value)
+
+
+@pytest.mark.parametrize("method", list(hf_embcomp.METHODS))
+def test_tied_logits_equal_reconstruction_for_few_and_many_rows(method):
+    """compute_logits(h) == h @ reconstruct().T for every method, on random tensors and random packed codes,
+    for 1 hidden row and for many (methods switch between a gather path and a chunked matmul path)."""
+    from hf_embcomp.core import method_config
+    from hf_embcomp.hub_code.embcomp_layers import build_compressed_embedding
+
+    V, d = 700, 32
+    cfg = method_config(method, V, d, 8)
+    emb = build_compressed_embedding({"method": method, "num_embeddings": V, "embedding_dim": d, "padding_idx": None,
+                                      "embed_scale": None, "storage_dtype": cfg.dtype,
+                                      "hyperparameters": cfg.hyperparameters()})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, t in list(emb.named_parameters(recurse=False)) + list(emb.named_buffers(recurse=False)):
+            if t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g))
+            elif t.dtype == torch.uint8:
+                t.copy_(torch.randint(0, 256, t.shape, generator=g, dtype=torch.uint8))
+            else:
+                t.copy_(torch.arange(t.numel(), dtype=t.dtype) * 3)
+        emb.logits_chunk = 256  # several chunks over the 700 rows
+        dense = emb.reconstruct()
+        for rows in (1, 40):
+            h = torch.randn(rows, d, generator=g)
+            expected = h @ dense.T
+            got = emb.compute_logits(h)
+            assert got.shape == (rows, V)
+            assert (got - expected).abs().max() <= 1e-4 * expected.abs().max(), (method, rows)
