@@ -116,17 +116,24 @@ def test_atomic_output_dir_leaves_nothing_on_error(tmp_path):
 
 
 def test_sigint_mid_fit_leaves_no_partial_dir(tiny_dir, tmp_path):
-    """SIGINT while a long fit runs (svd on a 30k x 384 embedding with a slow rank sweep is too fast, so
-    interrupt a real CLI run at several points): the output folder is either absent or complete."""
+    """SIGINT sent to a real CLI run (svd 8x of the embedded MiniLM) at several points - while it writes
+    (as soon as its temporary output folder appears), early (imports / model load) and later: the output
+    folder is either absent or complete, and no temporary folder is left. Points are found by watching
+    the run, not by timing it, so a fast machine cannot finish the run before every signal."""
     out = tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     outcomes = []
-    for delay in (4.0, 9.0):
+    for point in ("writing", 0.5, 3.0):
         proc = subprocess.Popen([sys.executable, "-m", "hf_embcomp.cli", "compress", "--method", "svd", "--ratio", "8",
                                  "--output", str(out), "--quiet", "--overwrite"], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGINT)
+        if point == "writing":
+            while proc.poll() is None and not any(tmp_path.glob(".out.tmp-*")):
+                time.sleep(0.002)
+        else:
+            time.sleep(point)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=300)
         outcomes.append(proc.returncode)
         leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
