@@ -120,13 +120,14 @@ def unpack_shifts(packed: torch.Tensor, num_bits: int, dtype: torch.dtype = torc
 
 
 def _logits_unpacked(mod: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """Tied logits with the byte tables switched off (every code bit unpacked): the path before them."""
-    old = mod.logits_table_rows
-    mod.logits_table_rows = 0
+    """Tied logits with the byte tables switched off (every code unpacked): the path before them."""
+    attr, off = ("logits_byte_tables", False) if hasattr(mod, "logits_byte_tables") else ("logits_table_rows", 0)
+    old = getattr(mod, attr)
+    setattr(mod, attr, off)
     try:
         return mod.compute_logits(h)
     finally:
-        mod.logits_table_rows = old
+        setattr(mod, attr, old)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -330,3 +330,25 @@ def test_tied_logits_equal_reconstruction_for_few_and_many_rows(method):
             got = emb.compute_logits(h)
             assert got.shape == (rows, V)
             assert (got - expected).abs().max() <= 1e-4 * expected.abs().max(), (method, rows)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_dccl_byte_table_logits_for_every_code_width(bits):
+    """dccl's tied logits read from byte tables (bits dividing 8) or unpacked codes (otherwise) equal
+    h @ reconstruct().T, with M * bits not a multiple of 8 (random padding bits must weigh nothing)."""
+    from hf_embcomp.core import method_config
+    from hf_embcomp.hub_code.embcomp_layers import build_compressed_embedding
+
+    V, d, M = 300, 16, 5
+    hp = dict(method_config("dccl", V, d, 8).hyperparameters(), num_codebooks=M, bits=bits)
+    emb = build_compressed_embedding({"method": "dccl", "num_embeddings": V, "embedding_dim": d, "padding_idx": None,
+                                      "embed_scale": None, "storage_dtype": "float32", "hyperparameters": hp})
+    g = torch.Generator().manual_seed(bits)
+    with torch.no_grad():
+        emb.codebooks.copy_(torch.randn(emb.codebooks.shape, generator=g))
+        emb.codes.copy_(torch.randint(0, 256, emb.codes.shape, generator=g, dtype=torch.uint8))
+        assert emb.codes.shape == (V, (M * bits + 7) // 8)
+        h = torch.randn(3, d, generator=g)
+        expected = h @ emb.reconstruct().T
+        got = emb.compute_logits(h)
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
