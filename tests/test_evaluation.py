@@ -45,6 +45,26 @@ def tiny_bert_mlm(vocab: int = 64) -> transformers.BertForMaskedLM:
 
 # ---- metrics against hand-computed cases -------------------------------------------------------------
 
+def test_fidelity_metrics_hand_computed():
+    """Row cosine, its 1st percentile, relative Frobenius error and the frequency buckets on a 4 x 2 case."""
+    from hf_embcomp.core import fidelity
+    from hf_embcomp.evaluation.fidelity import cosine_by_bucket
+
+    E = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0], [1.0, 1.0]])
+    E_hat = torch.tensor([[1.0, 1.0], [0.0, 1.0], [3.0, 4.0], [-1.0, -1.0]])
+    # cosines: 1/sqrt(2), 1, 1, -1; squared errors 1 + 1 + 0 + 8 = 10; ||E||^2 = 1 + 4 + 25 + 2 = 32
+    cos = [1 / math.sqrt(2), 1.0, 1.0, -1.0]
+    fid = fidelity(E, E_hat)
+    assert fid["row_cosine_mean"] == pytest.approx(sum(cos) / 4)
+    assert fid["row_cosine_p01"] == pytest.approx(np.quantile(cos, 0.01))  # linear interpolation, like torch
+    assert fid["relative_frobenius_error"] == pytest.approx(math.sqrt(10 / 32))
+    assert fidelity(E, E, chunk=3) == {"row_cosine_mean": pytest.approx(1.0), "row_cosine_p01": pytest.approx(1.0),
+                                       "relative_frobenius_error": 0.0}
+    buckets = cosine_by_bucket(E, E_hat, torch.tensor([0, 5, 9, 1500]))
+    assert buckets == {"unseen": (pytest.approx(cos[0]), 1), "1-9": (pytest.approx(1.0), 2),
+                       "1000+": (pytest.approx(-1.0), 1)}  # empty buckets are left out
+
+
 def test_squad_official_normalisation_and_scores():
     assert squad.normalize_answer("The Cat.") == "cat"
     assert squad.exact_match("The Cat.", "cat") == 1.0
