@@ -119,14 +119,17 @@ def test_sigint_mid_fit_leaves_no_partial_dir(tiny_dir, tmp_path):
     """SIGINT sent to a real CLI run (svd 8x of the embedded MiniLM) at several points - while it writes
     (as soon as its temporary output folder appears), early (imports / model load) and later: the output
     folder is either absent or complete, and no temporary folder is left. Points are found by watching
-    the run, not by timing it, so a fast machine cannot finish the run before every signal."""
+    the run, not by timing it, so a fast machine cannot finish the run before every signal. The child gets
+    the default SIGINT disposition: under `cmd &` in a script (nohup, CI wrappers) it would inherit SIG_IGN."""
     out = tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     outcomes = []
     for point in ("writing", 0.5, 3.0):
         proc = subprocess.Popen([sys.executable, "-m", "hf_embcomp.cli", "compress", "--method", "svd", "--ratio", "8",
                                  "--output", str(out), "--quiet", "--overwrite"], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                # a shell's background job ignores SIGINT and the child would inherit that
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         if point == "writing":
             while proc.poll() is None and not any(tmp_path.glob(".out.tmp-*")):
                 time.sleep(0.002)
