@@ -207,7 +207,9 @@ def sweep_section(name: str, docs: list[dict], link: str) -> list[str]:
     cols = [c for c in SWEEP_COLUMNS if any(c[0] in v for v in vals)]
     first = next(iter(vals[0].values()))
     quick = first.get("settings", {}).get("quick")
-    out = ["", f"### Sweep: {docs[0]['source_model']}", "",
+    src = docs[0]["source_model"].split("::")[-1]  # a GGUF source is "path::file"
+    src = Path(src).name if Path(src).suffix == ".gguf" else src
+    out = ["", f"### Sweep: {src}", "",
            f"`hf-embcomp sweep` ({'--quick, ' if quick else ''}cells in `bench/results/sweep_{name}/`; every metric "
            "computed by `hf-embcomp evaluate`, numbers of examples in the cell files; fit s = compression time of the "
            "cell, token counting included):", ""]

@@ -108,7 +108,7 @@ def run_sweep(
 
 def plot_sweep(docs: list[dict[str, Any]], path: str | Path) -> Path:
     """The Pareto plot: a panel per (suite, task, metric), x = compression ratio (log), y = the compressed
-    model's value, one line per method, the uncompressed value as a dashed horizontal line.
+    model's value (log for perplexities), one line per method, the uncompressed value as a dashed horizontal line.
 
     Raises:
         ValueError: no results to plot.
@@ -137,6 +137,8 @@ def plot_sweep(docs: list[dict[str, Any]], path: str | Path) -> Path:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
         ax.axhline(baseline[key], color="black", linestyle="--", linewidth=1, label="uncompressed")
         ax.set_xscale("log")
+        if "perplexity" in key[2]:  # spans 20 .. 1e5 between methods
+            ax.set_yscale("log")
         ax.set_xlabel("compression ratio (vs fp32)")
         ax.set_title(f"{key[0]} / {key[1]}", fontsize=10)
         ax.set_ylabel(key[2])
