@@ -121,13 +121,11 @@ def unpack_shifts(packed: torch.Tensor, num_bits: int, dtype: torch.dtype = torc
 
 def _logits_unpacked(mod: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
     """Tied logits with the byte tables switched off (every code unpacked): the path before them."""
-    attr, off = ("logits_byte_tables", False) if hasattr(mod, "logits_byte_tables") else ("logits_table_rows", 0)
-    old = getattr(mod, attr)
-    setattr(mod, attr, off)
+    mod.logits_byte_tables = False
     try:
         return mod.compute_logits(h)
     finally:
-        setattr(mod, attr, old)
+        del mod.logits_byte_tables  # back to the class default
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -271,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
             fns = {"dense h @ E.T": (lambda h: lambda: h @ Es.T)(h)}
             for m, mod in mods.items():
                 fns[m] = (lambda mod, h: lambda: mod.compute_logits(h))(mod, h)
-                if getattr(mod, "logits_table_rows", 0) >= n_tok:  # before/after of the byte tables, same run
+                if getattr(mod, "logits_byte_tables", False) and mod.logits_table_rows >= n_tok:  # before/after of the byte tables, same run
                     fns[f"{m} (unpacked codes)"] = (lambda mod, h: lambda: _logits_unpacked(mod, h))(mod, h)
             with torch.no_grad():
                 res = common.interleaved(fns, reps)

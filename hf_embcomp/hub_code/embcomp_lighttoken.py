@@ -47,6 +47,8 @@ class LightTokenEmbedding(CompressedEmbedding):
     logits_chunk = 8192
     logits_table_rows = 4
     """Tied logits of at most this many hidden rows use byte tables (0: always unpack the codes)."""
+    logits_byte_tables = True
+    """False: always unpack the codes (the path before the byte tables; bench/speed.py times both)."""
 
     @property
     def rank(self) -> int:
@@ -115,7 +117,8 @@ class LightTokenEmbedding(CompressedEmbedding):
         hw = hidden @ w  # [..., M]
         hq = hidden @ self.lowrank_q if self.rank > 0 else None  # [..., k]
         hc = hidden @ self.decoder_bias  # [...]
-        lut = self._byte_tables(hw) if hw[..., 0].numel() <= self.logits_table_rows else None
+        few = self.logits_byte_tables and hw[..., 0].numel() <= self.logits_table_rows
+        lut = self._byte_tables(hw) if few else None
         parts = []
         for i in range(0, self.num_embeddings, self.logits_chunk):
             codes = self.codes[i : i + self.logits_chunk]  # [c, nbytes]
