@@ -12,6 +12,18 @@ counted the way design.md §4 counts ours: every byte needed to rebuild the matr
   (bits * V * d / 8 + its scales and zero points at their own dtypes), the peer's best case; the bytes it
   really holds are recorded as ``in_memory_bytes``. (optimum-quanto installs too, but quantises only Linear,
   Conv2d and LayerNorm modules, not embeddings: nothing to compare.)
+- llama.cpp's own quantisation formats (GGML_FORMATS: Q8_0, Q6_K, Q5_K, Q4_K, Q4_0, IQ4_XS, Q3_K, IQ3_XXS,
+  Q2_K, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S), quantised by llama.cpp's code through ggml-python
+  (``ggml_quantize_chunk``) and read back with ``gguf.quants.dequantize``; each without and with an importance
+  matrix ("imatrix", ``ggml-Q4_K`` / ``ggml-Q4_K+imatrix``). Bytes: the format's blocks, ceil(V*d / block) *
+  type size (``gguf.GGML_QUANT_SIZES``), so the ratio is fixed by the format (Q8_0 3.76x ... IQ1_S 20.5x).
+  K- and I-quants work on super-blocks of 256 values; where d is not a multiple of the block size (SmolLM2
+  576, MiniLM 384) E is flattened row-major and re-blocked (zero tail, not counted beyond the last real
+  block), the imatrix weight of flattened position j being imatrix[j % d]. llama.cpp itself would fall back
+  to another type for such a tensor: the re-blocked rows are the format's best case here. IQ2_XXS, IQ2_XS
+  and IQ1_S are refused by llama.cpp without an imatrix (``ggml_quantize_requires_imatrix``): those rows
+  are skipped. bench/quality.py computes the imatrix from ``hf_embcomp.calibration`` on a text disjoint
+  from the evaluation text.
 
 Each solver picks the largest size whose bytes meet the requested ratio (ratio >= requested).
 """
@@ -239,6 +251,135 @@ def torchao_quantise(E: torch.Tensor, bits: int, group_size: int | None = None) 
                                                  "stored_dtypes": {n: str(t.dtype) for n, t in parts.items()}})
 
 
+# --- llama.cpp formats (ggml-python) --------------------------------------------------------------------
+
+GGML_FORMATS = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0", "IQ4_XS", "Q3_K", "IQ3_XXS", "Q2_K", "IQ2_S", "IQ2_XS",
+                "IQ2_XXS", "IQ1_M", "IQ1_S")
+"""The llama.cpp formats run as peers, from the most bytes to the fewest (Q8_0 8.5 bits a weight ... IQ1_S 1.56)."""
+
+
+def _ggml():
+    try:
+        import ggml
+        import gguf
+        from gguf.quants import dequantize
+    except (ImportError, OSError, RuntimeError, FileNotFoundError) as e:  # the shared library may fail to load
+        raise PeerUnavailable(f"ggml-python / gguf not usable ({e}); pip install 'hf-embcomp[bench]'") from None
+    return ggml, gguf, dequantize
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
+
+
+def ggml_bytes(V: int, d: int, type_name: str) -> int:
+    """Bytes of the llama.cpp format on V x d values: ceil(V*d / block size) blocks of its type size."""
+    import gguf
+
+    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    return math.ceil(V * d / block) * type_size
+
+
+def ggml_quantise(E: torch.Tensor, type_name: str, imatrix: Any = None, threads: int | None = None) -> PeerResult:
+    """Quantise E (float [V, d]) to a llama.cpp format with llama.cpp's own quantiser and read it back.
+
+    Rows of ``n_per_row`` values are quantised: d itself when it is a multiple of the format's block size
+    (llama.cpp's layout), else lcm(d, block) values of the flattened (row-major, zero-padded) matrix -- the
+    same super-blocks as rows of 256, with whole rows of E in each, so the importance weight of flattened
+    position j is imatrix[j % d]. Stored bytes count the real blocks only (module docstring).
+
+    Args:
+        E: float [V, d].
+        type_name: a ``GGML_FORMATS`` name (any ``gguf.GGMLQuantizationType`` ggml can quantise).
+        imatrix: None, or per-column importance [d] (llama.cpp's imatrix: mean h^2 of the inputs the row is
+            multiplied with; only relative values matter).
+        threads: quantise in that many row chunks at once (ctypes releases the GIL); default 1.
+
+    Raises:
+        PeerUnavailable: ggml-python is not importable, the format is unknown to it, or llama.cpp refuses the
+            format without an importance matrix (its ``ggml_quantize_chunk`` would abort the process).
+        ValueError: ``imatrix`` is not d finite non-negative values with a positive sum.
+    """
+    import ctypes
+    from concurrent.futures import ThreadPoolExecutor
+
+    ggml, gguf, dequantize = _ggml()
+    try:
+        qtype = gguf.GGMLQuantizationType[type_name]
+        gtype = getattr(ggml, f"GGML_TYPE_{type_name}")
+    except (KeyError, AttributeError):
+        raise PeerUnavailable(f"{type_name} is not a ggml quantisation type known to ggml-python / gguf") from None
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    if (ggml.ggml_blck_size(gtype), ggml.ggml_type_size(gtype)) != (block, type_size):
+        raise PeerUnavailable(f"{type_name}: ggml's block layout {ggml.ggml_blck_size(gtype)}/"
+                              f"{ggml.ggml_type_size(gtype)} differs from gguf's {block}/{type_size}")
+    if imatrix is None and ggml.ggml_quantize_requires_imatrix(gtype):
+        raise PeerUnavailable(f"llama.cpp refuses {type_name} without an importance matrix "
+                              "(ggml_quantize_requires_imatrix)")
+    V, d = E.shape
+    x = E.detach().float().cpu().numpy().reshape(-1)
+    n = V * d
+    n_per_row = d if d % block == 0 else math.lcm(d, block)
+    rows = math.ceil(n / n_per_row)
+    src = np.zeros(rows * n_per_row, dtype=np.float32)
+    src[:n] = x
+    qw = None
+    if imatrix is not None:
+        w = np.asarray(imatrix.detach().cpu().numpy() if isinstance(imatrix, torch.Tensor) else imatrix, dtype=np.float64)
+        if w.shape != (d,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"imatrix must be {d} finite non-negative values with a positive sum, got shape {w.shape}")
+        qw = np.ascontiguousarray(np.tile(w.astype(np.float32), n_per_row // d))
+    row_size = ggml.ggml_row_size(gtype, n_per_row)
+    assert row_size == n_per_row // block * type_size
+    dst = np.zeros(rows * row_size, dtype=np.uint8)
+    fptr = ctypes.POINTER(ctypes.c_float)
+    src_p = src.ctypes.data_as(fptr)
+    qw_p = None if qw is None else qw.ctypes.data_as(fptr)
+    t0 = time.perf_counter()
+    ggml.ggml_quantize_init(gtype)  # its grids (IQ types) once, before any thread starts
+    workers = max(1, min(threads or 1, rows))
+    bounds = np.linspace(0, rows, workers + 1).astype(int)
+
+    def chunk(i: int) -> int:
+        r0, r1 = int(bounds[i]), int(bounds[i + 1])
+        if r1 <= r0:
+            return 0
+        return ggml.ggml_quantize_chunk(gtype, src_p, dst.ctypes.data, r0 * n_per_row, r1 - r0, n_per_row, qw_p)
+
+    if workers == 1:
+        written = chunk(0)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            written = sum(pool.map(chunk, range(workers)))
+    fit = time.perf_counter() - t0
+    if written != dst.nbytes:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {dst.nbytes}")
+    rec = np.asarray(dequantize(dst.reshape(rows, row_size), qtype), dtype=np.float32).reshape(-1)[:n].reshape(V, d)
+    stored = math.ceil(n / block) * type_size
+    name = f"ggml-{type_name}" + ("+imatrix" if imatrix is not None else "")
+    return PeerResult(name, f"ggml-python {_version('ggml-python')} (llama.cpp quantisers), gguf {_version('gguf')}",
+                      torch.from_numpy(np.ascontiguousarray(rec)), stored, fit,
+                      {"format": type_name, "block_size": block, "type_size": type_size,
+                       "bits_per_weight": round(type_size * 8 / block, 4), "n_per_row": n_per_row,
+                       "reblocked": n_per_row != d, "padded_values": rows * n_per_row - n, "imatrix": imatrix is not None,
+                       "requires_imatrix": bool(ggml.ggml_quantize_requires_imatrix(gtype))})
+
+
+def _ggml_peer(type_name: str, with_imatrix: bool) -> Callable[..., PeerResult]:
+    def run(E: torch.Tensor, r: float | None, **kw: Any) -> PeerResult:
+        imatrix = kw.get("imatrix") if with_imatrix else None
+        if with_imatrix and imatrix is None:
+            raise PeerUnavailable("no importance matrix given (pass imatrix=)")
+        return ggml_quantise(E, type_name, imatrix, threads=kw.get("threads"))
+
+    return run
+
+
 # --- registry -----------------------------------------------------------------------------------------
 
 # name -> (kind, function). kind "fixed": one point at the bit width's own ratio; "ratio": solved per ratio.
@@ -256,3 +397,36 @@ PEERS: dict[str, tuple[str, Callable[..., PeerResult]]] = {
     "faiss-rq": ("ratio", lambda E, r, **kw: residual_quantise(E, r, max_stages=kw.get("rq_max_stages", 16),
                                                                threads=kw.get("threads"), train_rows=kw.get("train_rows") or TRAIN_ROWS)),
 }
+for _fmt in GGML_FORMATS:
+    PEERS[f"ggml-{_fmt}"] = ("fixed", _ggml_peer(_fmt, False))
+    PEERS[f"ggml-{_fmt}+imatrix"] = ("fixed", _ggml_peer(_fmt, True))
+del _fmt
+
+IMATRIX_PEERS = frozenset(p for p in PEERS if p.endswith("+imatrix"))
+"""Peers that take ``imatrix=`` (per-column importance [d]); the caller computes it (bench/quality.py)."""
+
+PEER_GROUPS: dict[str, list[str]] = {
+    "ggml": [p for p in PEERS if p.startswith("ggml-")],
+    "ggml+imatrix": [p for p in PEERS if p.startswith("ggml-") and p in IMATRIX_PEERS],
+    "ggml-noimatrix": [p for p in PEERS if p.startswith("ggml-") and p not in IMATRIX_PEERS],
+}
+"""Shorthands of ``--peers``: ``ggml`` is every llama.cpp format with and without imatrix."""
+
+
+def select_peers(spec: str) -> list[str]:
+    """Peer names of a comma list of names and PEER_GROUPS shorthands, in PEERS order ('' for none).
+
+    Raises:
+        KeyError: a name is neither a peer nor a group (the message lists both).
+    """
+    want: set[str] = set()
+    for item in (p.strip() for p in spec.split(",")):
+        if not item:
+            continue
+        if item in PEER_GROUPS:
+            want.update(PEER_GROUPS[item])
+        elif item in PEERS:
+            want.add(item)
+        else:
+            raise KeyError(f"unknown peer {item!r}; peers: {', '.join(PEERS)}; groups: {', '.join(PEER_GROUPS)}")
+    return [p for p in PEERS if p in want]

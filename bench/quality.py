@@ -1,7 +1,9 @@
 """Quality at equal stored bytes: every registered method (``hf_embcomp.METHODS``) and the peers users would
-pick instead (bench/peers.py: per-row int8/int4/int2/sign scalar quantisation, faiss PQ and RQ), at ratios
-4, 8, 16, 25, 50, 100 vs fp32, on the real all-MiniLM-L6-v2 (30522 x 384) and SmolLM2-135M (49152 x 576)
-token embeddings.
+pick instead (bench/peers.py: per-row int8/int4/int2/sign scalar quantisation, torchao, faiss PQ and RQ, and
+llama.cpp's own formats Q8_0 ... IQ1_S through ggml-python, each without and with an importance matrix), at
+ratios 4, 8, 16, 25, 50, 100 vs fp32, on the real all-MiniLM-L6-v2 (30522 x 384) and SmolLM2-135M
+(49152 x 576) token embeddings. Fixed-ratio peers (scalar, torchao, llama.cpp formats) run once a model, at
+their own ratio.
 
 Per row: ratio (fp32 bytes / stored bytes, design.md §4, peers counted the same way), row cosine (mean and 1st
 percentile), relative Frobenius error, fit seconds, and downstream:
@@ -15,9 +17,15 @@ peers by swapping their reconstructed matrix into the stock model (tied head inc
 reach a ratio (RatioError) is recorded as skipped; any other failure is recorded and the run goes on.
 Results are written after every row, so ``--resume`` continues an interrupted run.
 
+The ``+imatrix`` peers get llama.cpp's importance matrix from ``hf_embcomp.calibration.calibrate`` (computed
+once a model, only when such a peer runs, on a text disjoint from the evaluation text):
+``Calibration.importance_matrix()`` (mean h^2 of the hidden states the tied head sees) where the model has a
+head, else ``Calibration.column_weights()`` (MiniLM); which one is recorded in the row's hyperparameters.
+
     HF_HUB_OFFLINE=1 python bench/quality.py                 # everything (hours on 2 cores)
     HF_HUB_OFFLINE=1 python bench/quality.py --quick         # MiniLM, 2 ratios, tiny slices (CI smoke)
     HF_HUB_OFFLINE=1 python bench/quality.py --models minilm --methods svd --resume
+    HF_HUB_OFFLINE=1 python bench/quality.py --methods svd --peers ggml   # svd and every llama.cpp format
 """
 
 from __future__ import annotations
@@ -72,6 +80,38 @@ class Evaluator:
             self.settings = {"metric": "sentence_cosine", "sentences": len(self.sentences),
                              "corpus": "Rotten Tomatoes (hf_embcomp.data.rotten_tomatoes_all, file order)"}
         self.baseline = self._measure(self.model)
+        self._imatrix: tuple[torch.Tensor, dict[str, Any]] | Exception | None = None
+
+    def imatrix(self) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The importance matrix float64 [d] the ``+imatrix`` peers use, and how it was made (computed once).
+
+        Raises:
+            peers.PeerUnavailable: the calibration text cannot be used, or the model gives no statistic.
+        """
+        if isinstance(self._imatrix, Exception):  # one failed calibration is not retried for every peer
+            raise self._imatrix
+        if self._imatrix is None:
+            from hf_embcomp.calibration import CalibrationError, calibrate
+
+            t0 = time.perf_counter()
+            try:
+                cal = calibrate(self.model, self.tok, quiet=True)
+            except CalibrationError as e:
+                self._imatrix = peers_mod.PeerUnavailable(f"no importance matrix: {e}")
+                raise self._imatrix from None
+            except Exception as e:  # noqa: BLE001 - recorded as a failed row by run_peer
+                self._imatrix = e
+                raise
+            w, how = cal.importance_matrix(), "Calibration.importance_matrix(): mean h^2 of the tied head's inputs"
+            if w is None:
+                w, how = cal.column_weights(), "Calibration.column_weights() (no output head)"
+            if w is None:
+                self._imatrix = peers_mod.PeerUnavailable("no importance matrix: the calibration gives no per-column "
+                                                          "statistic")
+                raise self._imatrix
+            self._imatrix = (w, {"imatrix_source": how, "calibration": cal.describe(),
+                                 "calibration_seconds": round(time.perf_counter() - t0, 1)})
+        return self._imatrix
 
     @torch.no_grad()
     def _measure(self, model: torch.nn.Module) -> Any:
@@ -174,11 +214,14 @@ def run_peer(ev: Evaluator, E: torch.Tensor, peer: str, ratio: float | None, mod
 
     row: dict[str, Any] = {"model": model_key, "method": peer, "kind": "peer", "ratio_requested": ratio}
     try:
+        extra: dict[str, Any] = {}
+        if peer in peers_mod.IMATRIX_PEERS:
+            kw["imatrix"], extra = ev.imatrix()
         res = peers_mod.PEERS[peer][1](E, ratio, **kw)
         V, d = E.shape
         row |= {"method": res.name, "peer": peer, "library": res.library, "ratio": V * d * 4 / res.stored_bytes,
                 "stored_bytes": res.stored_bytes, "accounted_bytes": res.stored_bytes,
-                "fit_seconds": round(res.fit_seconds, 3), "hyperparameters": res.params,
+                "fit_seconds": round(res.fit_seconds, 3), "hyperparameters": res.params | extra,
                 **fidelity(E, res.reconstruction)}
         row |= ev.score_matrix(res.reconstruction)
         row["status"] = "ok"
@@ -238,7 +281,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--models", default=None, help="comma list: minilm,smollm2 (default both; --quick: minilm)")
     ap.add_argument("--ratios", default=None, help="comma list (default 4,8,16,25,50,100; --quick: 25,100)")
     ap.add_argument("--methods", default=None, help="comma list of registered methods (default: all registered)")
-    ap.add_argument("--peers", default=",".join(peers_mod.PEERS), help="comma list of peers ('' for none)")
+    ap.add_argument("--peers", default=",".join(peers_mod.PEERS),
+                    help="comma list of peers ('' for none) and shorthands: " + ", ".join(
+                        f"{g} ({len(v)} peers)" for g, v in peers_mod.PEER_GROUPS.items()) + " (default: all peers)")
     ap.add_argument("--sentences", type=int, default=None, help="MiniLM sentences (default 200; --quick 32)")
     ap.add_argument("--ppl-tokens", type=int, default=None, help="SmolLM2 tokens (default 4096; --quick 512)")
     ap.add_argument("--rq-max-stages", type=int, default=16, help="skip RQ where it needs more stages (slow fits)")
@@ -253,7 +298,10 @@ def main(argv: list[str] | None = None) -> dict:
     models = [m for m in (args.models or ("minilm" if quick else "minilm,smollm2")).split(",") if m]
     ratios = common.parse_ratios(args.ratios, quick)
     methods = common.registered_methods(args.methods)
-    peer_names = [p for p in args.peers.split(",") if p in peers_mod.PEERS]
+    try:
+        peer_names = peers_mod.select_peers(args.peers)
+    except KeyError as e:
+        ap.error(e.args[0])
     n_sent = args.sentences or (32 if quick else 200)
     ppl_tokens = args.ppl_tokens or (512 if quick else 4096)
 
@@ -299,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
         for peer in peer_names:  # fixed-ratio peers once
             if peers_mod.PEERS[peer][0] == "fixed" and (model_key, peer, None) not in done and \
                     not any(r["model"] == model_key and r.get("peer") == peer and r["status"] == "ok" for r in payload["rows"]):
-                add(run_peer(ev, E, peer, None, model_key))
+                add(run_peer(ev, E, peer, None, model_key, threads=args.threads))
         for ratio in ratios:
             for method in methods:
                 if (model_key, method, ratio) in done:

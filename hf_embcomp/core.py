@@ -140,6 +140,7 @@ def compress(
     source_folder: str | None = None,
     token_counts: torch.Tensor | None = None,
     corpus: str | None = None,
+    calibration: Any = "default",
     **hyperparameters: Any,
 ) -> PreTrainedModel:
     """Compress the token embedding of a stock transformers model.
@@ -166,6 +167,10 @@ def compress(
             exact rows). Default: counted with ``tokenizer`` on ``corpus`` (a UTF-8 text file) or on the
             default corpus of :mod:`hf_embcomp.frequency`; without a tokenizer, none.
         corpus: text file to count token frequencies on (see ``token_counts``).
+        calibration: for methods that weigh their error by the model's own statistics (``uses_calibration``):
+            a :class:`hf_embcomp.calibration.Calibration`, a UTF-8 text file to calibrate on, ``"default"``
+            (the built-in calibration text, when a tokenizer is given) or None (no calibration). Recorded in the
+            report and config.
         **hyperparameters: overrides passed to the method config (``rank=``, ``dtype=``, ``seed=`` ...).
 
     Returns:
@@ -175,14 +180,21 @@ def compress(
     Raises:
         CompressionError: already compressed, or not an nn.Embedding input embedding.
         ValueError / RatioError: unknown method, bad hyper-parameters or unreachable ratio.
+        hf_embcomp.calibration.CalibrationError: the calibration file cannot be used.
     """
+    if method == "auto":
+        from .auto import compress_auto
+
+        return compress_auto(model, ratio, source=source, source_revision=source_revision, source_dtype=source_dtype,
+                             source_embedding_bytes=source_embedding_bytes, device=device, tokenizer=tokenizer,
+                             source_folder=source_folder, token_counts=token_counts, corpus=corpus,
+                             calibration=calibration, **hyperparameters)
     weight = embedding_weight(model)
     V, d = weight.shape
     meth = get_method(method)
     cfg = config if config is not None else method_config(method, V, d, ratio, **hyperparameters)
     if not isinstance(cfg, meth.config_class):
         raise ValueError(f"config must be a {meth.config_class.__name__} for method {method!r}.")
-    stored = cfg.stored_bytes(V, d)
     auto = auto_class_of(model)
     old = model.get_input_embeddings()
     model_dtype = weight.dtype if model.dtype is None else model.dtype
@@ -209,7 +221,12 @@ def compress(
         if token_counts is not None and tuple(token_counts.shape) != (V,):
             raise ValueError(f"token_counts must have shape ({V},), got {tuple(token_counts.shape)}.")
         context = {"token_counts": token_counts, "special_ids": special}
-    state = meth.fit(weight.to(fit_device), cfg, **context)
+    cal = None
+    if meth.uses_calibration:
+        cal = resolve_calibration(model, tokenizer, calibration, token_counts)
+        context["calibration"] = cal
+    state, cfg = meth.fit_with_config(weight.to(fit_device), cfg, **context)
+    stored = cfg.stored_bytes(V, d)
     fit_seconds = time.perf_counter() - t0
 
     src_dtype = source_dtype or str(old.weight.dtype).replace("torch.", "")
@@ -230,6 +247,8 @@ def compress(
         "source_model": source or getattr(model.config, "_name_or_path", None) or None,
         "source_revision": source_revision,
     }
+    if meth.uses_calibration:
+        block["calibration"] = None if cal is None else cal.describe()
     ecfg = EmbCompConfig.from_backbone_config(model.config, block)
     ecfg.auto_map = auto_map_for(ecfg.backbone_model_type)
     ecfg.architectures = [next(n for n, a in ENTRY_AUTO_CLASSES.items() if a == auto)]
@@ -279,17 +298,69 @@ def compress(
     }
     if meth.uses_token_counts:
         new.compression_report["token_counts_source"] = counts_source
+    if meth.uses_calibration:
+        new.compression_report["calibration"] = block["calibration"]
+        notes = getattr(meth, "fit_notes", None)
+        if notes:
+            new.compression_report["fit_notes"] = notes
     from .cards import has_tokenizer_files, render_card, source_license
     from .io import attach_side_files, prepare_for_save, side_files
 
     files = side_files(Path(source_folder) if source_folder else None, tokenizer)
-    files["compression_report.json"] = (json.dumps(new.compression_report, indent=2) + "\n").encode()
-    card = render_card(new.config, new.compression_report, license=source_license(block["source_model"], source_folder),
-                       has_tokenizer=has_tokenizer_files(files))
-    files["README.md"] = card.encode()
+    new._embcomp_card_args = {"license": source_license(block["source_model"], source_folder),
+                              "has_tokenizer": has_tokenizer_files(files)}
     attach_side_files(new, files)
+    refresh_report(new)
     prepare_for_save(new)
     return new
+
+
+def refresh_report(model: PreTrainedModel) -> None:
+    """Write ``model.compression_report`` again into the files ``save_pretrained`` adds
+    (``compression_report.json`` and the card), after a change to the report."""
+    from .cards import render_card
+    from .io import attach_side_files
+
+    card = render_card(model.config, model.compression_report, **getattr(model, "_embcomp_card_args", {}))
+    attach_side_files(model, {"compression_report.json": (json.dumps(model.compression_report, indent=2) + "\n").encode(),
+                              "README.md": card.encode()})
+
+
+def resolve_calibration(model: PreTrainedModel, tokenizer: Any, calibration: Any,
+                        token_counts: torch.Tensor | None = None) -> Any:
+    """The :class:`~hf_embcomp.calibration.Calibration` that ``calibration=`` of :func:`compress` asks for.
+
+    Returns None for ``calibration=None`` and for ``"default"`` without a tokenizer or without the default
+    text installed (the fit then weighs every row and coordinate alike). Caller ``token_counts`` replace the
+    counted ones.
+
+    Raises:
+        hf_embcomp.calibration.CalibrationError: a file that cannot be used.
+        ValueError: ``calibration`` is none of the accepted kinds.
+    """
+    from .calibration import Calibration, CalibrationError, calibrate
+
+    if calibration is None or isinstance(calibration, Calibration):
+        cal = calibration
+    elif isinstance(calibration, (str, Path)):
+        default = str(calibration) == "default"
+        if tokenizer is None:
+            if not default:
+                raise ValueError("calibration needs the tokenizer: pass tokenizer= (or calibration=None).")
+            cal = None
+        else:
+            try:
+                cal = calibrate(model, tokenizer, None if default else calibration)
+            except CalibrationError:
+                if not default:
+                    raise
+                logger.warning("no default calibration text (install hf-embcomp[eval]); fitting without calibration")
+                cal = None
+    else:
+        raise ValueError(f"calibration must be a Calibration, a text file, 'default' or None (got {type(calibration).__name__}).")
+    if cal is not None and token_counts is not None:
+        cal = dataclasses.replace(cal, token_counts=token_counts)
+    return cal
 
 
 def _stored_tensors(emb: CompressedEmbedding):

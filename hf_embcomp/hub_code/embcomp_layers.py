@@ -14,6 +14,7 @@ from .embcomp_lighttoken import LightTokenEmbedding
 from .embcomp_direction import DirectionEmbedding
 from .embcomp_distilled import DistilledEmbedding
 from .embcomp_dccl import CompositionalCodeEmbedding
+from .embcomp_gptq import GroupQuantEmbedding
 
 LAYER_CLASSES: dict[str, type[CompressedEmbedding]] = {
     "svd": LowRankEmbedding,
@@ -21,6 +22,7 @@ LAYER_CLASSES: dict[str, type[CompressedEmbedding]] = {
     "direction": DirectionEmbedding,
     "distilled": DistilledEmbedding,
     "dccl": CompositionalCodeEmbedding,
+    "gptq": GroupQuantEmbedding,
 }
 
 __all__ = ["CompressedEmbedding", "EmbCompTiedLogits", "LAYER_CLASSES", "build_compressed_embedding"]

@@ -112,6 +112,8 @@ class CompressionMethod:
     paper: ClassVar[str] = ""
     uses_token_counts: ClassVar[bool] = False
     """True when :meth:`fit` takes ``token_counts`` and ``special_ids`` (token frequencies of a corpus)."""
+    uses_calibration: ClassVar[bool] = False
+    """True when :meth:`fit` takes ``calibration`` (a :class:`hf_embcomp.calibration.Calibration` or None)."""
 
     def fit(self, weight: torch.Tensor, config: MethodConfig, **context: Any) -> dict[str, torch.Tensor]:
         """Fit the compressed representation of a token-embedding matrix.
@@ -127,6 +129,12 @@ class CompressionMethod:
             ``config.dtype``; codes as bit-packed uint8).
         """
         raise NotImplementedError
+
+    def fit_with_config(self, weight: torch.Tensor, config: MethodConfig,
+                        **context: Any) -> tuple[dict[str, torch.Tensor], MethodConfig]:
+        """:meth:`fit`, and the config the tensors realise: methods whose tensor shapes are decided by the
+        data (e.g. how many rows get how many bits) return the completed config; the default returns ``config``."""
+        return self.fit(weight, config, **context), config
 
 
 METHODS: dict[str, type[CompressionMethod]] = {}

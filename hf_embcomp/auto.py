@@ -1,0 +1,160 @@
+"""``method="auto"``: fit the candidate methods for the requested ratio and keep the one the model itself
+scores best on a short calibration probe.
+
+Candidates (measured on SmolLM2 and MiniLM, bench/results/quality.json): ``gptq`` at every ratio it reaches, and
+``lighttoken`` from :data:`LIGHTTOKEN_FROM` on (below it GPTQ's scalar codes win by a wide margin; above it
+LightToken's binary codes with a learned decoder may). The probe is text the fit never saw and the evaluation
+never reads: the calibration text after the tokens calibration ran the model on.
+
+- causal LM (an output head): perplexity of each candidate on :data:`PROBE_TOKENS` probe tokens (lower wins);
+- encoder: mean cosine between the mean-pooled last hidden states of the candidate and of the source model on
+  probe passages of :data:`PASSAGE_TOKENS` tokens (higher wins).
+
+The report (``compression_report.json``, key ``auto``) lists every candidate with its probe score and fit time,
+the one chosen, and why.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+LIGHTTOKEN_FROM = 10.0
+"""Ratio from which LightToken is a candidate too."""
+PROBE_TOKENS = 2048
+PASSAGE_TOKENS = 64
+
+
+def candidates(ratio: float) -> list[tuple[str, dict[str, Any]]]:
+    """(method, hyper-parameter overrides) tried for ``ratio``."""
+    out: list[tuple[str, dict[str, Any]]] = [("gptq", {})]
+    if ratio >= LIGHTTOKEN_FROM:
+        out.append(("lighttoken", {}))
+    return out
+
+
+def probe_ids(tokenizer: Any, calibration: Any, vocab_size: int, tokens: int = PROBE_TOKENS) -> torch.Tensor:
+    """int64 [<= tokens] probe token ids: the calibration text after the tokens calibration ran the model on."""
+    from .calibration import DEFAULT_TOKENS, calibration_text
+
+    text, _ = calibration_text(getattr(calibration, "text_file", None))
+    skip = max(int(getattr(calibration, "tokens", 0) or 0), DEFAULT_TOKENS)
+    ids = tokenizer(text[: (skip + tokens) * 12], add_special_tokens=False, verbose=False)["input_ids"]
+    ids = torch.tensor(ids[skip : skip + tokens] if len(ids) > skip + 64 else ids[-tokens:])
+    return ids[(ids >= 0) & (ids < vocab_size)]
+
+
+class Probe:
+    """The score of a candidate model on the probe (see the module docstring); ``better(a, b)``: a beats b."""
+
+    def __init__(self, source: PreTrainedModel, tokenizer: Any, calibration: Any) -> None:
+        from .evaluation.lm import needs_bos
+
+        V = source.get_input_embeddings().num_embeddings
+        self.ids = probe_ids(tokenizer, calibration, V)
+        self.causal = source.get_output_embeddings() is not None
+        self.bos = needs_bos(tokenizer) if self.causal else None
+        self.metric = "probe perplexity" if self.causal else "probe sentence cosine"
+        if not self.causal:
+            n = self.ids.numel() // PASSAGE_TOKENS
+            self.passages = self.ids[: n * PASSAGE_TOKENS].reshape(n, PASSAGE_TOKENS)
+            self.reference = self._pooled(source)
+
+    @torch.no_grad()
+    def _pooled(self, model: PreTrainedModel) -> torch.Tensor:
+        was = model.training
+        model.eval()
+        dev = next(model.parameters()).device
+        out = []
+        for i in range(0, self.passages.shape[0], 16):
+            x = self.passages[i : i + 16].to(dev)
+            h = model(input_ids=x, output_hidden_states=True).hidden_states[-1].float()
+            out.append(torch.nn.functional.normalize(h.mean(1), dim=-1).cpu())
+        model.train(was)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def score(self, model: PreTrainedModel) -> float:
+        if self.causal:
+            from .evaluation.lm import perplexity
+
+            was = model.training
+            model.eval()
+            try:
+                return perplexity(model, self.ids, window=512, stride=512 - (self.bos is not None), bos_id=self.bos,
+                                  desc="auto: probe")[0]
+            finally:
+                model.train(was)
+        return float((self._pooled(model) * self.reference).sum(-1).mean())
+
+    def better(self, a: float, b: float) -> bool:
+        if math.isnan(b):
+            return not math.isnan(a)
+        return a < b if self.causal else a > b
+
+
+def compress_auto(model: PreTrainedModel, ratio: float | None, *, tokenizer: Any = None, calibration: Any = "default",
+                  token_counts: torch.Tensor | None = None, **kwargs: Any) -> PreTrainedModel:
+    """:func:`hf_embcomp.compress` with the best candidate method (module docstring).
+
+    Args:
+        model, ratio, tokenizer, calibration, token_counts, **kwargs: as for :func:`hf_embcomp.compress`
+            (hyper-parameter overrides in ``kwargs`` are not accepted: they belong to one method).
+
+    Raises:
+        ValueError: no ratio, hyper-parameter overrides, or no tokenizer (the probe needs text).
+        RatioError: no candidate reaches the ratio.
+    """
+    from .core import compress, refresh_report, resolve_calibration
+    from .methods.base import RatioError, check_ratio
+
+    method_keys = {"rank", "bits", "stages", "epochs", "lam", "exact_rows", "group_size", "tier_rows"}
+    given = sorted(k for k in kwargs if k in method_keys and kwargs[k] is not None)
+    if given:
+        raise ValueError(f"hyper-parameters {given} belong to one method; pass --method NAME with them, not auto.")
+    if ratio is None:
+        raise ValueError("method auto needs a ratio, e.g. --ratio 8.")
+    if tokenizer is None:
+        raise ValueError("method auto scores candidates on text: pass tokenizer= (or choose a --method).")
+    ratio = check_ratio(ratio)
+    t0 = time.perf_counter()
+    cal = resolve_calibration(model, tokenizer, calibration, token_counts)
+    if cal is None:
+        raise ValueError("method auto needs a calibration text to probe on; install hf-embcomp[eval] or pass "
+                         "--calibration FILE (or choose a --method).")
+    probe = Probe(model, tokenizer, cal)
+    rows, best, best_score = [], None, float("nan")
+    for method, hp in candidates(ratio):
+        t = time.perf_counter()
+        try:
+            cand = compress(model, method, ratio, tokenizer=tokenizer, calibration=cal,
+                            token_counts=cal.token_counts, **kwargs, **hp)
+        except RatioError as e:
+            rows.append({"method": method, "hyperparameters": hp, "status": "skipped", "reason": str(e)})
+            continue
+        s = probe.score(cand)
+        rows.append({"method": method, "overrides": hp, "status": "ok", "compression_ratio":
+                     cand.compression_report["compression_ratio"], probe.metric.replace(" ", "_"): s,
+                     "seconds": round(time.perf_counter() - t, 1)})
+        logger.info("auto: %s at %.2fx: %s %.4g", method, cand.compression_report["compression_ratio"], probe.metric, s)
+        if best is None or probe.better(s, best_score):
+            best, best_score = cand, s
+        else:
+            del cand
+    if best is None:
+        raise RatioError(f"no candidate method reaches ratio {ratio:g}: " + "; ".join(r["reason"] for r in rows))
+    chosen = best.compression_report["method"]
+    others = [r for r in rows if r["status"] == "ok" and r["method"] != chosen]
+    why = (f"best {probe.metric} ({best_score:.4g}) of {len(others) + 1} candidates on {probe.ids.numel()} probe "
+           "tokens of the calibration text" if others else f"the only candidate for ratio {ratio:g}")
+    best.compression_report["auto"] = {"chosen": chosen, "why": why, "metric": probe.metric, "candidates": rows,
+                                       "seconds": round(time.perf_counter() - t0, 1)}
+    refresh_report(best)
+    return best

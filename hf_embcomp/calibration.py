@@ -1,0 +1,211 @@
+"""Calibration: what the model itself says about which rows and coordinates of E matter.
+
+One place for every statistic a fit can weigh its error by, collected by running the *source* model on a
+calibration text (never an evaluation text):
+
+- ``token_counts`` int64 [V]: how often each token occurs (rows the model reads, and mostly predicts).
+- ``head_second_moment`` float64 [d, d]: Sigma = E[h h^T] over the hidden states the tied output head sees
+  (the input of ``get_output_embeddings()``). For a tied head the logit error of row v is h^T (e_v - e_hat_v),
+  so its expected square is (e_v - e_hat_v)^T Sigma (e_v - e_hat_v): the second-order objective of GPTQ /
+  AQLM, and its diagonal is llama.cpp's importance matrix ("imatrix": per column, the mean of h^2).
+- ``input_column_gain`` float64 [d]: per column j, E[y_j^2] / E[x_j^2] over the first normalisation layer
+  after the embedding (x its input, y its output): the factor by which an input-side error of coordinate j is
+  seen by the first block (g_j^2 / rms(x)^2 for an RMSNorm / LayerNorm with gain g).
+
+The default text is the gensim Wikipedia text from character 1,000,000 on (:data:`hf_embcomp.frequency.
+DEFAULT_OFFSET`, where the token counts already start; the evaluation reads the first 20,000 tokens only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .frequency import DEFAULT_OFFSET, _chunks, token_counts
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOKENS = 16384
+"""Tokens the model is run on (the token counts use the whole text)."""
+WINDOW = 512
+
+
+class CalibrationError(ValueError):
+    """The calibration text cannot be used (the message says why and what to do)."""
+
+
+@dataclasses.dataclass
+class Calibration:
+    """Calibration statistics of one source model (module docstring).
+
+    Attributes:
+        token_counts: int64 [V], or None.
+        head_second_moment: float64 [d, d] Sigma = E[h h^T] of the tied head's inputs, or None (no head).
+        input_column_gain: float64 [d], or None (no normalisation layer found).
+        tokens: tokens the model was run on (0: counts only).
+        source: one line saying what text was used.
+        text_file: the calibration file (None: the default text).
+    """
+
+    token_counts: torch.Tensor | None
+    head_second_moment: torch.Tensor | None = None
+    input_column_gain: torch.Tensor | None = None
+    tokens: int = 0
+    source: str = ""
+    text_file: str | None = None
+
+    def importance_matrix(self) -> torch.Tensor | None:
+        """llama.cpp's importance matrix of the tied head: float64 [d], diag(Sigma) (None without a head)."""
+        return None if self.head_second_moment is None else torch.diagonal(self.head_second_moment).clone()
+
+    def column_weights(self) -> torch.Tensor | None:
+        """Per-coordinate weight float64 [d] (mean 1) of a squared row error: the head's importance matrix and
+        the first norm's gain, each normalised to mean 1, summed. None when neither is known."""
+        parts = [w / w.mean().clamp_min(1e-30) for w in (self.importance_matrix(), self.input_column_gain)
+                 if w is not None]
+        if not parts:
+            return None
+        w = sum(parts)
+        return w / w.mean()
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able summary for compression_report.json / config.json."""
+        return {
+            "source": self.source,
+            "model_tokens": self.tokens,
+            "counted_tokens": None if self.token_counts is None else int(self.token_counts.sum()),
+            "head_second_moment": self.head_second_moment is not None,
+            "input_column_gain": self.input_column_gain is not None,
+        }
+
+
+def calibration_text(path: str | Path | None = None) -> tuple[str, str]:
+    """The calibration text and a one-line description of it.
+
+    Args:
+        path: a UTF-8 text file, or None for the default (module docstring).
+
+    Raises:
+        CalibrationError: the file is missing, not UTF-8 text, or (nearly) empty; or no file is given and the
+            default text (gensim, from ``hf-embcomp[eval]``) is not installed.
+    """
+    if path is None:
+        try:
+            from . import data
+
+            text = data.wiki_text()[DEFAULT_OFFSET:]
+        except (ImportError, FileNotFoundError) as e:
+            raise CalibrationError(f"no default calibration text ({e}); install hf-embcomp[eval], pass "
+                                   "--calibration FILE, or --calibration none.") from None
+        return text, f"gensim Wikipedia text from character {DEFAULT_OFFSET:,} ({len(text):,} characters)"
+    p = Path(path)
+    if not p.is_file():
+        raise CalibrationError(f"calibration file {p} not found; pass a UTF-8 text file or --calibration none.")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CalibrationError(f"calibration file {p} is not UTF-8 text; pass a UTF-8 text file.") from None
+    if len(text.strip()) < 200:
+        raise CalibrationError(f"calibration file {p} has {len(text.strip())} characters; give it at least a few "
+                               "paragraphs of text like the model will see.")
+    return text, f"{p.name} ({len(text):,} characters)"
+
+
+def _first_norm(model: torch.nn.Module, d: int) -> torch.nn.Module | None:
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if "norm" in type(m).__name__.lower() and isinstance(w, torch.Tensor) and tuple(w.shape) == (d,):
+            return m
+    return None
+
+
+@torch.no_grad()
+def collect(model: torch.nn.Module, ids: torch.Tensor, window: int = WINDOW, bos_id: int | None = None,
+            quiet: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    """Run ``model`` over ``ids`` in windows and accumulate Sigma and the first norm's column gain.
+
+    Args:
+        model: a stock transformers model (eval mode is set for the run and restored).
+        ids: int64 [N] token ids.
+        window: tokens per forward (``bos_id`` first when given).
+
+    Returns:
+        (Sigma float64 [d, d] or None, column gain float64 [d] or None, tokens run).
+    """
+    d = model.get_input_embeddings().embedding_dim
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    acc: dict[str, Any] = {"sigma": None, "n": 0, "xin": torch.zeros(d, dtype=torch.float64),
+                           "yout": torch.zeros(d, dtype=torch.float64)}
+
+    def head_hook(_m, args):
+        h = args[0].detach().reshape(-1, d).double().cpu()
+        acc["sigma"] = h.T @ h if acc["sigma"] is None else acc["sigma"] + h.T @ h
+        acc["n"] += h.shape[0]
+
+    def norm_hook(_m, args, out):
+        x = args[0].detach().reshape(-1, d).double().cpu()
+        y = (out[0] if isinstance(out, tuple) else out).detach().reshape(-1, d).double().cpu()
+        acc["xin"] += (x * x).sum(0)
+        acc["yout"] += (y * y).sum(0)
+
+    hooks = []
+    if head is not None and getattr(head, "weight", None) is not None and head.weight.shape[-1] == d:
+        hooks.append(head.register_forward_pre_hook(head_hook))
+    norm = _first_norm(model, d)
+    if norm is not None:
+        hooks.append(norm.register_forward_hook(norm_hook))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    width = window - (bos_id is not None)
+    run = 0
+    try:
+        for i in tqdm(range(0, int(ids.numel()), width), desc="calibration", unit="window", disable=quiet):
+            x = ids[i : i + width]
+            if bos_id is not None:
+                x = torch.cat([torch.tensor([bos_id]), x])
+            model(input_ids=x[None].to(device))
+            run += int(x.numel())
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    sigma = None if acc["sigma"] is None else acc["sigma"] / max(acc["n"], 1)
+    gain = None if norm is None else acc["yout"] / acc["xin"].clamp_min(1e-30)
+    return sigma, gain, run
+
+
+def calibrate(model: torch.nn.Module, tokenizer: Any, text_file: str | Path | None = None,
+              max_tokens: int = DEFAULT_TOKENS, quiet: bool = False) -> Calibration:
+    """Token counts of the calibration text and the model's statistics on its first ``max_tokens`` tokens.
+
+    Args:
+        model: the stock source model (its input embedding V x d).
+        tokenizer: its tokenizer.
+        text_file: UTF-8 text file, or None for the default text (module docstring).
+        max_tokens: tokens the model is run on (0: token counts only).
+
+    Raises:
+        CalibrationError: see :func:`calibration_text`.
+    """
+    from .evaluation.lm import needs_bos
+
+    V = model.get_input_embeddings().num_embeddings
+    text, desc = calibration_text(text_file)
+    counts = token_counts(tokenizer, _chunks(text), V, desc="calibration: counting tokens")
+    if int(counts.sum()) == 0:
+        raise CalibrationError(f"the calibration text ({desc}) has no tokens of this vocabulary.")
+    sigma = gain = None
+    run = 0
+    if max_tokens > 0:
+        ids = torch.tensor(tokenizer(text[: max_tokens * 12], add_special_tokens=False, verbose=False)["input_ids"][:max_tokens])
+        ids = ids[(ids >= 0) & (ids < V)]
+        causal = model.get_output_embeddings() is not None if hasattr(model, "get_output_embeddings") else False
+        sigma, gain, run = collect(model, ids, bos_id=needs_bos(tokenizer) if causal else None, quiet=quiet)
+    return Calibration(counts, sigma, gain, run, desc + f", {int(counts.sum()):,} tokens counted",
+                       None if text_file is None else str(text_file))
