@@ -3,25 +3,77 @@
 Each sub-command lives in a module exposing ``register(subparsers)``, which adds its parser and sets
 ``func`` (called with the parsed args; returns an exit code). User errors raise :class:`UserError` (or
 one of the documented ValueError subclasses) and print one line, exit code 2, no traceback.
+
+Building the parser imports neither torch nor transformers (nor do the modules of
+``_COMMAND_MODULES`` at import time): ``--help`` and argument errors answer at once, and the heavy
+imports happen inside the command functions.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
+import shutil
 import sys
+import textwrap
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
-
-from tqdm.auto import tqdm
+from typing import NamedTuple
 
 logger = logging.getLogger("hf_embcomp")
 
 # Modules that register further sub-commands (each exposes ``register(subparsers)``).
 _COMMAND_MODULES = ("hf_embcomp.evaluation.cli", "hf_embcomp.push", "hf_embcomp.distill")
+
+
+class MethodInfo(NamedTuple):
+    """A line of ``compress --help``'s method list (static: the list must not import torch)."""
+
+    name: str
+    dtype: str | None
+    """The default ``dtype`` of the method's config (None, shown as "varies": that of the method ``auto`` keeps)."""
+    summary: str
+
+
+METHOD_TABLE: tuple[MethodInfo, ...] = (
+    MethodInfo("svd", "float32", "truncated SVD, the low-rank baseline: E ~ A B (Eckart & Young)"),
+    MethodInfo("lighttoken", "float16", "low-rank part + residual binary-autoencoder codes + frequent rows kept "
+                                        "exactly (Wang et al. 2023)"),
+    MethodInfo("direction", "float32", "direction-aware autoencoder: latent codes + linear decoder, cosine-weighted "
+                                       "loss (Balazy et al. 2021)"),
+    MethodInfo("distilled", "float32", "low-rank factors + a non-linear decoder path, made for a KD fine-tune with "
+                                       "`hf-embcomp distill` (Lioutas et al. 2020)"),
+    MethodInfo("dccl", "float32", "compositional codes: M bit-packed codes per token into M codebooks, learned with "
+                                  "Gumbel-softmax (Shu & Nakayama 2018)"),
+    MethodInfo("gptq", "float16", "rotated group-wise scalar quantisation, GPTQ error feedback under the calibration "
+                                  "Hessian, mixed bits per row (float16 scales)"),
+    MethodInfo("auto", None, "fits the candidate methods for the ratio and keeps the best on a calibration probe"),
+)
+"""Every method ``compress --help`` lists; tests/test_cli.py checks it against ``hf_embcomp.METHODS`` and
+each config class's default ``dtype``."""
+
+DEFAULT_METHOD = "svd"
+"""``--method`` when none is given."""
+
+
+def methods_help(width: int | None = None) -> str:
+    """The method list of ``compress --help``: name, default storage dtype and a one-line description,
+    wrapped to ``width`` columns (default: as argparse, the terminal's width - 2, here at most 120)."""
+    width = width or min(shutil.get_terminal_size().columns - 2, 120)
+    dtypes = [m.dtype or "varies" for m in METHOD_TABLE]
+    name_w = max(len(m.name) for m in METHOD_TABLE) + 2
+    dtype_w = max(map(len, dtypes)) + 2
+    lines = [textwrap.fill("methods (--method NAME), with the default storage dtype of their real-valued parts "
+                           "(--dtype):", width)]
+    for m, dtype in zip(METHOD_TABLE, dtypes):
+        text = m.summary + (" (default)" if m.name == DEFAULT_METHOD else "")
+        lead = f"  {m.name:<{name_w}}{dtype:<{dtype_w}}"
+        lines.append(textwrap.fill(text, width, initial_indent=lead, subsequent_indent=" " * len(lead)))
+    return "\n".join(lines)
 
 
 class UserError(ValueError):
@@ -52,6 +104,8 @@ class _Steps:
     """A progress bar over the named steps of a command (each step may be long)."""
 
     def __init__(self, names: list[str], quiet: bool = False) -> None:
+        from tqdm.auto import tqdm
+
         self.bar = tqdm(total=len(names), disable=quiet, unit="step", bar_format="{l_bar}{bar:20}| {n}/{total} {postfix}")
         self.t = {}
 
@@ -67,7 +121,41 @@ class _Steps:
         self.bar.close()
 
 
+@contextlib.contextmanager
+def _quiet(on: bool) -> Iterator[None]:
+    """``--quiet`` for the length of a command: no progress bars (the library's, transformers') and no warnings
+    from torch and transformers (nor from what they import while loading, e.g. torchao), only errors. Entered
+    before the command's heavy imports; the previous settings are restored after."""
+    if not on:
+        yield
+        return
+    import torch  # noqa: F401  (torch resets its logger's level when it is imported: set it after)
+    import transformers
+
+    from hf_embcomp import progress
+
+    tlog = transformers.utils.logging
+    torch_logger = logging.getLogger("torch")
+    before = torch_logger.level, tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    torch_logger.setLevel(logging.ERROR)
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        with progress.quiet():
+            yield
+    finally:
+        torch_logger.setLevel(before[0])
+        tlog.set_verbosity(before[1])
+        if before[2]:
+            tlog.enable_progress_bar()
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
+    with _quiet(args.quiet):
+        return _compress(args)
+
+
+def _compress(args: argparse.Namespace) -> int:
     import hf_embcomp
     from hf_embcomp.io import atomic_output_dir, load_model
     from hf_embcomp.methods.base import check_ratio
@@ -86,10 +174,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
         check_ratio(args.ratio)  # cheap checks before the model is loaded
     if args.corpus is not None and not Path(args.corpus).is_file():
         raise UserError(f"--corpus {args.corpus} is not a file; pass a UTF-8 text file (or leave --corpus out).")
-    if args.quiet:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
     steps = _Steps(["load", "fit", "save"], quiet=args.quiet)
     try:
         src = steps.step("load", lambda: load_model(args.model, gguf_file=args.gguf_file, revision=args.revision))
@@ -100,7 +184,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                 src.model,
                 args.method,
                 ratio,
-                source=src.name if src.gguf_file is None else f"{src.name}::{src.gguf_file}",
+                source=src.label,
                 source_revision=src.revision,
                 source_dtype=src.embedding_dtype,
                 source_embedding_bytes=src.embedding_bytes,
@@ -143,17 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("compress", help="compress a model's token embedding and write a Hub repository")
+    p = sub.add_parser("compress", help="compress a model's token embedding and write a Hub repository",
+                       description="Compress a model's token embedding and write a Hub repository.\n\n" + methods_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=None,
                    help="local folder, Hub id, or .gguf file (default: the embedded all-MiniLM-L6-v2)")
-    p.add_argument("--method", default="svd", help="compression method (default: svd)")
+    p.add_argument("--method", default=DEFAULT_METHOD, help=f"compression method (default: {DEFAULT_METHOD})")
     p.add_argument("--ratio", type=_float_ratio, default=None,
                    help="compression ratio vs fp32 bytes of the token embedding (default 8)")
     p.add_argument("--rank", type=int, default=None, help="set the rank directly (low-rank methods)")
     p.add_argument("--bits", type=int, default=None, help="code bits per stage (code methods)")
     p.add_argument("--stages", type=int, default=None, help="residual stages (LightToken)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="storage dtype of the real-valued parts (default float32)")
+                   help="storage dtype of the real-valued parts (default: the method's own (see the list above))")
     p.add_argument("--seed", type=int, default=None, help="random seed of the fit (default 0)")
     p.add_argument("--hp", action="append", metavar="KEY=VALUE", help="any other method hyper-parameter")
     p.add_argument("--corpus", default=None,
@@ -164,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="device of the fit (e.g. cuda); default the model's")
     p.add_argument("--output", "-o", required=True, help="output folder (a complete Hub model repository)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (only the summary, and errors)")
     p.set_defaults(func=cmd_compress)
 
     for mod in _COMMAND_MODULES:
@@ -176,14 +262,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``hf-embcomp``. Returns the exit code (0 ok, 2 user error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from hf_embcomp.core import CompressionError
-    from hf_embcomp.io import SourceError
-    from hf_embcomp.methods import RatioError
-
+    level = logging.INFO if args.verbose else logging.ERROR if getattr(args, "quiet", False) else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # UserError and the library's CompressionError, SourceError, RatioError and ResultsError are ValueErrors:
+    # catching the base class keeps torch out of this module's imports
     try:
         return int(args.func(args) or 0)
-    except (UserError, CompressionError, SourceError, RatioError, FileExistsError, ValueError) as e:
+    except (FileExistsError, ValueError) as e:
         print(f"hf-embcomp: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

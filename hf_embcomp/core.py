@@ -157,6 +157,9 @@ def compress(
             that the stored bytes meet R. Ignored when ``config`` is given; None to use ``hyperparameters``.
         config: explicit method hyper-parameters (a ``MethodConfig`` of the method).
         source, source_revision: recorded in the ``embedding_compression`` block (model id / path).
+            Without ``source``, a model from :func:`hf_embcomp.load_model` records the name, revision,
+            dtype and embedding bytes it was loaded from (its ``_embcomp_source`` attribute) for the four
+            ``source*`` arguments not given; any other model records ``config._name_or_path``.
         source_dtype: dtype of the source checkpoint's embedding (e.g. ``"float16"``, ``"Q8_0"``).
         source_embedding_bytes: bytes of the embedding in the source checkpoint (for the ratio vs source).
         device: where to run the fit (default: CPU, or the model's device).
@@ -191,6 +194,14 @@ def compress(
                              calibration=calibration, **hyperparameters)
     weight = embedding_weight(model)
     V, d = weight.shape
+    if source is None:  # where load_model loaded the model from
+        from .io import SOURCE_ATTRIBUTE
+
+        carried = getattr(model, SOURCE_ATTRIBUTE, None) or {}
+        source = carried.get("name")
+        source_revision = source_revision if source_revision is not None else carried.get("revision")
+        source_dtype = source_dtype or carried.get("dtype")
+        source_embedding_bytes = source_embedding_bytes or carried.get("embedding_bytes")
     meth = get_method(method)
     cfg = config if config is not None else method_config(method, V, d, ratio, **hyperparameters)
     if not isinstance(cfg, meth.config_class):

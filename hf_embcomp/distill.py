@@ -26,10 +26,10 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:  # torch is imported inside the functions: `hf-embcomp --help` imports this module
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ def text_tokens(tokenizer: Any, data: str) -> torch.Tensor:
     Raises:
         ValueError: the path does not exist or holds too little text.
     """
+    import torch
+
     if data == "wikipedia":
         from . import data as data_mod
 
@@ -74,20 +76,25 @@ def split_tokens(ids: torch.Tensor, data: str, heldout_tokens: int, seq_len: int
     return held, rest[: n * seq_len].reshape(n, seq_len)
 
 
-@torch.no_grad()
 def heldout_perplexity(model: torch.nn.Module, ids: torch.Tensor, window: int, bos_id: int | None = None) -> float:
     """Causal-LM perplexity of ``ids`` in strided windows (:func:`hf_embcomp.evaluation.lm.perplexity`)."""
+    import torch
+
     from .evaluation.lm import perplexity
 
     was = model.training
     model.eval()
-    ppl, _, _ = perplexity(model, ids, window=window, stride=max(1, window // 2), bos_id=bos_id, desc="held-out ppl")
+    with torch.no_grad():
+        ppl, _, _ = perplexity(model, ids, window=window, stride=max(1, window // 2), bos_id=bos_id,
+                               desc="held-out ppl")
     model.train(was)
     return ppl
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * KL(teacher_T || student_T), summed over the vocabulary and averaged over positions."""
+    import torch.nn.functional as F
+
     v = student_logits.shape[-1]
     s = F.log_softmax(student_logits.reshape(-1, v).float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.reshape(-1, v).float() / temperature, dim=-1)
@@ -136,6 +143,7 @@ def distill(
     Raises:
         ValueError: vocabularies differ, or nothing to train.
     """
+    import torch
     from transformers import Trainer, TrainingArguments
 
     if student.config.vocab_size != teacher.config.vocab_size:
@@ -192,6 +200,8 @@ def load_compressed(path: str | Path) -> torch.nn.Module:
     Raises:
         ValueError: not an hf-embcomp folder, or not a causal LM.
     """
+    import torch
+
     from .hub_code.configuration_embcomp import EmbCompConfig
     from .hub_code.modeling_embcomp import ENTRY_AUTO_CLASSES, ENTRY_CLASSES
 
@@ -205,6 +215,8 @@ def load_compressed(path: str | Path) -> torch.nn.Module:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    import torch
+
     from .cards import render_card
     from .core import fidelity
     from .evaluation.lm import needs_bos
@@ -235,7 +247,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         e = teacher.get_input_embeddings().weight.float().cpu()
         fid = fidelity(e, student.get_compressed_embedding().reconstruct().float().cpu())
     report["distillation"] = {
-        "teacher": src.name if src.gguf_file is None else f"{src.name}::{src.gguf_file}",
+        "teacher": src.label,
         "data": args.data,
         "loss": f"{args.kd_weight} * T^2 KL(teacher_T || student_T) + {1 - args.kd_weight} * LM",
         "temperature": args.temperature,

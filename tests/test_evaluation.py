@@ -182,8 +182,14 @@ def test_results_roundtrip_and_drop_sign(tmp_path):
     assert back["schema_version"] == SCHEMA_VERSION
 
 
-@pytest.mark.parametrize("breaks", ["newer", "missing", "drop", "type", "nan"])
-def test_bad_results_are_refused(tmp_path, breaks):
+@pytest.mark.parametrize("breaks, message", [
+    ("newer", rf"schema_version {SCHEMA_VERSION + 1} is newer than this hf-embcomp reads \({SCHEMA_VERSION}\); upgrade"),
+    ("missing", r"results\[0\]\.dataset lacks 'n'"),
+    ("drop", r"results\[1\]\.drop does not equal its definition"),
+    ("type", r"results\[0\]\.higher_is_better has type str"),
+    ("nan", r"results\[0\]\.compressed is not finite"),
+])
+def test_bad_results_are_refused(tmp_path, breaks, message):
     doc = _doc()
     if breaks == "newer":
         doc["schema_version"] = SCHEMA_VERSION + 1
@@ -197,7 +203,7 @@ def test_bad_results_are_refused(tmp_path, breaks):
         doc["results"][0]["compressed"] = float("nan")
     p = tmp_path / "r.json"
     p.write_text(json.dumps(doc))
-    with pytest.raises(ValueError, match="upgrade" if breaks == "newer" else ""):
+    with pytest.raises(ValueError, match=message):
         load_results(p)
 
 

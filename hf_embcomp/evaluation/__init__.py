@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from tqdm.auto import tqdm
-
-from .context import EvalContext, SuiteSkipped
 from .results import SCHEMA_VERSION, load_results, new_results, validate_results, write_results
+
+if TYPE_CHECKING:
+    from .context import EvalContext, SuiteSkipped
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +63,10 @@ def evaluate(
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
         raise ValueError(f"unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")
+    import torch
+    from tqdm.auto import tqdm
+
+    from .context import EvalContext, SuiteSkipped
     from .glue import TASKS
     from .lm import CORPORA
 
@@ -92,3 +95,13 @@ def evaluate(
 
 __all__ = ["SCHEMA_VERSION", "SUITES", "EvalContext", "SuiteSkipped", "evaluate", "load_results", "validate_results",
            "write_results"]
+
+
+def __getattr__(name: str) -> Any:
+    """``EvalContext`` and ``SuiteSkipped`` are imported on first use (they need torch and transformers;
+    ``hf-embcomp --help`` imports this package)."""
+    if name in ("EvalContext", "SuiteSkipped"):
+        from . import context
+
+        return getattr(context, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -91,7 +91,7 @@ def run_sweep(
         src = src or load_source()
         model = hf_embcomp.compress(
             src.model, method, ratio,
-            source=src.name if src.gguf_file is None else f"{src.name}::{src.gguf_file}",
+            source=src.label,
             source_revision=src.revision, source_dtype=src.embedding_dtype, source_embedding_bytes=src.embedding_bytes,
             tokenizer=src.tokenizer, source_folder=str(src.folder) if src.folder else None,
             **{k: v for k, v in hp.items() if k in fields[method]},

@@ -16,6 +16,8 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..progress import disabled as progress_disabled
+
 logger = logging.getLogger(__name__)
 
 StepFn = Callable[[nn.Module, torch.Tensor, float], torch.Tensor]
@@ -62,7 +64,8 @@ def train_rows(
     n = data.shape[0]
     steps_per_epoch = math.ceil(n / batch_size)
     history: list[float] = []
-    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not acc.is_local_main_process, leave=False)
+    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=progress_disabled() or not acc.is_local_main_process,
+               leave=False)
     module.train()
     for epoch in range(epochs):
         perm = torch.randperm(n, generator=gen).to(acc.device)
