@@ -145,13 +145,14 @@ def compress_auto(model: PreTrainedModel, ratio: float | None, *, tokenizer: Any
                      "seconds": round(time.perf_counter() - t, 1)})
         logger.info("auto: %s at %.2fx: %s %.4g", method, cand.compression_report["compression_ratio"], probe.metric, s)
         if best is None or probe.better(s, best_score):
-            best, best_score = cand, s
+            best, best_score, best_row = cand, s, rows[-1]
         else:
             del cand
     if best is None:
         raise RatioError(f"no candidate method reaches ratio {ratio:g}: " + "; ".join(r["reason"] for r in rows))
     chosen = best.compression_report["method"]
-    others = [r for r in rows if r["status"] == "ok" and r["method"] != chosen]
+    best_row["chosen"] = True
+    others = [r for r in rows if r["status"] == "ok" and r is not best_row]
     why = (f"best {probe.metric} ({best_score:.4g}) of {len(others) + 1} candidates on {probe.ids.numel()} probe "
            "tokens of the calibration text" if others else f"the only candidate for ratio {ratio:g}")
     best.compression_report["auto"] = {"chosen": chosen, "why": why, "metric": probe.metric, "candidates": rows,

@@ -56,7 +56,7 @@ METHOD_TABLE: tuple[MethodInfo, ...] = (
 """Every method ``compress --help`` lists; tests/test_cli.py checks it against ``hf_embcomp.METHODS`` and
 each config class's default ``dtype``."""
 
-DEFAULT_METHOD = "svd"
+DEFAULT_METHOD = "auto"
 """``--method`` when none is given."""
 
 
@@ -168,8 +168,13 @@ def _compress(args: argparse.Namespace) -> int:
         v = getattr(args, k, None)
         if v is not None:
             hp[k] = v
-    if args.method not in hf_embcomp.METHODS:
-        raise UserError(f"unknown method {args.method!r}; choose one of: {', '.join(sorted(hf_embcomp.METHODS))}.")
+    if args.method != "auto" and args.method not in hf_embcomp.METHODS:
+        raise UserError(f"unknown method {args.method!r}; choose auto or one of: {', '.join(sorted(hf_embcomp.METHODS))}.")
+    calibration = "default" if args.calibration is None else (None if args.calibration == "none" else args.calibration)
+    if isinstance(calibration, str) and calibration != "default" and not Path(calibration).is_file():
+        raise UserError(f"--calibration {calibration} is not a file; pass a UTF-8 text file, or --calibration none.")
+    if args.method == "auto" and calibration is None:
+        raise UserError("--method auto scores its candidates on calibration text; drop --calibration none or choose a --method.")
     if args.ratio is not None:
         check_ratio(args.ratio)  # cheap checks before the model is loaded
     if args.corpus is not None and not Path(args.corpus).is_file():
@@ -192,6 +197,7 @@ def _compress(args: argparse.Namespace) -> int:
                 source_folder=str(src.folder) if src.folder and not src.gguf_file else None,
                 device=args.device,
                 corpus=args.corpus,
+                calibration=calibration,
                 **hp,
             ),
         )
@@ -218,6 +224,14 @@ def _compress(args: argparse.Namespace) -> int:
         f"  repository        {stored / 1e6:.1f} MB on disk; load with "
         f"AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True)",
     ]
+    if "auto" in rep:
+        a = rep["auto"]
+        lines.insert(2, f"  chosen by auto    {a['chosen']}: {a['why']}")
+        for c in a["candidates"]:
+            score = {k: v for k, v in c.items() if k.startswith("probe_")}
+            lines.insert(3, f"    candidate       {c['method']} {c['status']} {json.dumps(score)}")
+    if rep.get("calibration"):
+        lines.insert(len(lines) - 2, f"  calibration       {rep['calibration']['source']}")
     print("\n".join(lines))
     return 0
 
@@ -245,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", default=None,
                    help="UTF-8 text file for token frequencies (LightToken's exact rows); default: the built-in "
                         "Wikipedia text when hf-embcomp[eval] is installed")
+    p.add_argument("--calibration", default=None, metavar="FILE|none",
+                   help="UTF-8 text the calibration runs the source model on (token counts, the second moment of the "
+                        "tied head's inputs); default: the built-in Wikipedia text past the evaluation slices; none: off")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside MODEL (or a path to it)")
     p.add_argument("--revision", default=None, help="Hub revision of MODEL")
     p.add_argument("--device", default=None, help="device of the fit (e.g. cuda); default the model's")

@@ -325,6 +325,9 @@ def test_tied_logits_equal_reconstruction_for_few_and_many_rows(method):
                 t.copy_(torch.randint(0, 256, t.shape, generator=g, dtype=torch.uint8))
             else:
                 t.copy_(torch.arange(t.numel(), dtype=t.dtype) * 3)
+        if hasattr(emb, "row_bits"):  # gptq: a valid random assignment of rows to its tiers
+            emb.row_bits.copy_(torch.cat([torch.full((n,), b, dtype=torch.uint8) for b, n in emb.tiers])[
+                torch.randperm(V, generator=g)])
         emb.logits_chunk = 256  # several chunks over the 700 rows
         dense = emb.reconstruct()
         for rows in (1, 100):  # below and above every logits_table_rows

@@ -64,8 +64,12 @@ ROW_CHUNK = 16384
 class GPTQConfig(MethodConfig):
     """Attributes:
         bits: the bit widths a row may get (each stored tier has one).
-        tier_rows: rows per entry of ``bits`` (sums to V), or None: allocated by the fit under ``target_bytes``.
-        target_bytes: the byte budget of the allocation (from the ratio).
+        tier_rows: rows per entry of ``bits`` (sums to V). :meth:`from_ratio` fills in a data-free split (two
+            adjacent widths meeting the budget); with ``allocation="calibrated"`` the fit replaces it.
+        target_bytes: the byte budget of the allocation (from the ratio; None: the bytes of ``tier_rows``).
+        allocation: ``"calibrated"`` (the fit assigns widths to rows under ``target_bytes``, module docstring 5)
+            or ``"fixed"`` (``tier_rows`` as given; the rows of highest weight get the most bits). Default: fixed
+            when the config is built directly, calibrated when it is solved from a ratio.
         group_size: coordinates sharing one (scale, min) pair (the last group of a row may be shorter).
         rotation_block: B of the randomised Hadamard transform (a power of 2 dividing d; 0: none; None: the
             largest power of 2 <= 64 dividing d).
@@ -82,6 +86,7 @@ class GPTQConfig(MethodConfig):
     rotation_block: int | None = None
     damp: float = 0.01
     count_floor: float = 1.0
+    allocation: str = "fixed"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -96,8 +101,10 @@ class GPTQConfig(MethodConfig):
             object.__setattr__(self, "tier_rows", rows)
         if int(self.group_size) < 1:
             raise ValueError(f"group_size must be >= 1 (got {self.group_size}).")
-        if self.tier_rows is None and self.target_bytes is None:
-            raise ValueError("gptq needs a ratio (target_bytes) or explicit tier_rows; pass --ratio.")
+        if self.tier_rows is None:
+            raise ValueError("gptq needs a ratio or explicit tier_rows (rows per bit width); pass --ratio.")
+        if self.allocation not in ("calibrated", "fixed"):
+            raise ValueError(f"allocation must be 'calibrated' or 'fixed' (got {self.allocation!r}).")
 
     def block_for(self, embedding_dim: int) -> int:
         if self.rotation_block is not None:
@@ -117,32 +124,48 @@ class GPTQConfig(MethodConfig):
         return num_embeddings + ((embedding_dim + 7) // 8 if self.block_for(embedding_dim) else 0)
 
     def stored_bytes(self, num_embeddings: int, embedding_dim: int) -> int:
-        """Exact bytes once ``tier_rows`` is known; before the fit, the budget ``target_bytes`` (an upper bound)."""
-        if self.tier_rows is None:
-            return int(self.target_bytes)
+        """Exact bytes of the tiers ``tier_rows`` describes (a calibrated fit stays within ``target_bytes``)."""
         return self.fixed_bytes(num_embeddings, embedding_dim) + sum(
             n * self.row_bytes(b, embedding_dim) for b, n in zip(self.bits, self.tier_rows))
 
     def hyperparameters(self) -> dict[str, Any]:
         hp = dataclasses.asdict(self)
-        hp["bits"], hp["tier_rows"] = list(self.bits), None if self.tier_rows is None else list(self.tier_rows)
+        hp["bits"], hp["tier_rows"] = list(self.bits), list(self.tier_rows)
         return hp
 
     @classmethod
     def from_ratio(cls, num_embeddings: int, embedding_dim: int, ratio: float, **overrides: Any) -> "GPTQConfig":
+        """The budget V d 4 / ratio and a data-free split of the rows over two adjacent widths within it.
+
+        Raises:
+            RatioError: even every row at the smallest width stores too much (the message gives the range).
+        """
         ratio = check_ratio(ratio)
-        overrides.pop("target_bytes", None)
-        cfg = cls(**{**overrides, "target_bytes": 1})
         V, d = num_embeddings, embedding_dim
+        overrides = {k: v for k, v in overrides.items() if k != "target_bytes"}
+        probe = cls(**{"tier_rows": (V,) + (0,) * (len(tuple(overrides.get("bits", BIT_GRID))) - 1), **overrides})
+        if overrides.get("tier_rows") is not None:
+            return dataclasses.replace(probe, target_bytes=probe.stored_bytes(V, d), allocation="fixed")
         full = V * d * 4
         target = int(full // ratio)
-        if cfg.tier_rows is not None:
-            return cfg
-        lo = cfg.fixed_bytes(V, d) + V * cfg.row_bytes(min(cfg.bits), d)
-        if target < lo:
-            raise RatioError(f"gptq cannot reach ratio {ratio:g} for a {V} x {d} embedding with bits {list(cfg.bits)} "
-                             f"and group_size {cfg.group_size}: the reachable range is 1 < ratio <= {full / lo:.1f}.")
-        return dataclasses.replace(cfg, target_bytes=target)
+        order = sorted(range(len(probe.bits)), key=lambda j: probe.bits[j])
+        cost = {j: probe.row_bytes(probe.bits[j], d) for j in order}
+        budget = target - probe.fixed_bytes(V, d)
+        if budget < V * cost[order[0]]:
+            lo = probe.fixed_bytes(V, d) + V * cost[order[0]]
+            raise RatioError(f"gptq cannot reach ratio {ratio:g} for a {V} x {d} embedding with bits {list(probe.bits)} "
+                             f"and group_size {probe.group_size}: the reachable range is 1 < ratio <= {full / lo:.1f}.")
+        rows = [0] * len(probe.bits)
+        k = max(i for i, j in enumerate(order) if V * cost[j] <= budget)
+        base = order[k]
+        if k + 1 < len(order):
+            up = order[k + 1]
+            n_up = min(V, (budget - V * cost[base]) // (cost[up] - cost[base]))
+            rows[up], rows[base] = int(n_up), V - int(n_up)
+        else:
+            rows[base] = V
+        return dataclasses.replace(probe, tier_rows=tuple(rows), target_bytes=target,
+                                   allocation=overrides.get("allocation", "calibrated"))
 
 
 # --- the fit, along its lifecycle: Hessian -> rotation -> per-width GPTQ -> allocation -> packing ------------
@@ -301,8 +324,9 @@ class GPTQMethod(CompressionMethod):
         colw = torch.diagonal(Hr).float()
         Er = (E.double() @ R).float()
         bits = list(config.bits)
-        rows_at = self._allocate(Er, Hr, hinv_u, colw, config, calibration, V, d) if config.tier_rows is None else None
-        if rows_at is None:  # explicit tier sizes: the most important rows get the most bits
+        if config.allocation == "calibrated":
+            rows_at = self._allocate(Er, Hr, hinv_u, colw, config, calibration, V, d)
+        else:  # fixed tier sizes: the most important rows get the most bits
             rows_at = self._explicit(config, calibration, V)
         state: dict[str, torch.Tensor] = {"row_bits": torch.tensor(bits, dtype=torch.uint8)[rows_at]}
         if block:
@@ -346,7 +370,8 @@ class GPTQMethod(CompressionMethod):
                 delta = x - dequantise(Q, S, M, config.group_size)
                 err[i : i + ROW_CHUNK, j] = ((delta @ Hf) * delta).sum(1).double()
         row_bytes = torch.tensor([config.row_bytes(b, d) for b in bits], dtype=torch.float64)
-        budget = config.target_bytes - config.fixed_bytes(V, d)
+        target = config.target_bytes if config.target_bytes is not None else config.stored_bytes(V, d)
+        budget = target - config.fixed_bytes(V, d)
         return allocate_bits(err, self._row_weights(config, calibration, V), row_bytes, budget)
 
     def _explicit(self, config: GPTQConfig, calibration: Any, V: int) -> torch.Tensor:

@@ -1,0 +1,168 @@
+"""GPTQ method, calibration statistics and method="auto", on tiny random models (no downloads).
+
+Each check compares against a hand computation or a simpler reference that gives the same answer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_embcomp
+from hf_embcomp.calibration import Calibration, CalibrationError, calibration_text, collect
+from hf_embcomp.methods.gptq import (GPTQConfig, allocate_bits, dequantise, gptq_rows, pack_codes, rotation_matrix)
+from hf_embcomp.hub_code.embcomp_gptq import unpack_codes
+
+from support.tiny import tiny_model
+
+
+class WordTokenizer:
+    """Splits on spaces; token id = hash of the word mod V (stable), no special tokens."""
+
+    all_special_ids: list[int] = []
+    bos_token_id = None
+
+    def __init__(self, V: int = 1000) -> None:
+        self.V = V
+
+    def save_pretrained(self, folder):  # nothing to save
+        return ()
+
+    def __call__(self, text, add_special_tokens=False, verbose=False, **kw):
+        return {"input_ids": [sum(map(ord, w)) * 7 % self.V for w in text.split()]}
+
+
+def test_collect_matches_a_hand_computed_second_moment_and_gain():
+    m = tiny_model("llama")
+    ids = torch.randint(0, 1000, (40,), generator=torch.Generator().manual_seed(0))
+    sigma, gain, run = collect(m, ids, window=16, quiet=True)
+    assert run == 40
+    hs, xs, ys = [], [], []
+    with torch.no_grad():
+        for i in range(0, 40, 16):
+            x = ids[i : i + 16][None]
+            hs.append(m.model(input_ids=x).last_hidden_state[0].double())  # after the final norm: the head's input
+            e = m.model.embed_tokens(x)[0].double()
+            xs.append(e)
+            ys.append(m.model.layers[0].input_layernorm(e.float()).double())
+    h = torch.cat(hs)
+    assert torch.allclose(sigma, h.T @ h / h.shape[0], rtol=1e-5, atol=1e-8)
+    x, y = torch.cat(xs), torch.cat(ys)
+    assert torch.allclose(gain, (y * y).sum(0) / (x * x).sum(0), rtol=1e-5)
+    cal = Calibration(None, sigma, gain)
+    assert torch.allclose(cal.importance_matrix(), torch.diagonal(sigma))
+    assert abs(float(cal.column_weights().mean()) - 1) < 1e-9
+
+
+def test_calibration_text_errors_are_one_line(tmp_path):
+    with pytest.raises(CalibrationError, match="not found"):
+        calibration_text(tmp_path / "missing.txt")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe\x00 not utf-8 \xc3")
+    with pytest.raises(CalibrationError, match="not UTF-8"):
+        calibration_text(bad)
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(CalibrationError, match="at least a few"):
+        calibration_text(short)
+
+
+def test_codes_pack_and_unpack_for_every_width():
+    g = torch.Generator().manual_seed(1)
+    for bits in range(1, 9):
+        q = torch.randint(0, 1 << bits, (5, 23), generator=g)
+        assert torch.equal(unpack_codes(pack_codes(q, bits), bits, 23), q.to(torch.int32)), bits
+
+
+def test_gptq_beats_round_to_nearest_under_its_hessian():
+    """GPTQ's error feedback lowers the H-weighted error against plain rounding with the same scales search."""
+    g = torch.Generator().manual_seed(0)
+    d = 32
+    A = torch.randn(d, 4, generator=g, dtype=torch.float64)
+    H = A @ A.T + 0.05 * torch.eye(d, dtype=torch.float64)  # strongly correlated inputs (a few directions)
+    W = torch.randn(400, d, generator=g)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    colw = torch.diagonal(H).float()
+    Q, S, M = gptq_rows(W, hinv, 2, 16, colw, "float32")
+    eye = torch.eye(d).float()  # identity factor: no error is fed back = round to nearest
+    Q0, S0, M0 = gptq_rows(W, eye, 2, 16, colw, "float32")
+    err = lambda Wh: float((((W - Wh).double() @ H) * (W - Wh).double()).sum())  # noqa: E731
+    assert err(dequantise(Q, S, M, 16)) < 0.9 * err(dequantise(Q0, S0, M0, 16))
+
+
+def test_allocation_meets_the_budget_and_favours_heavy_rows():
+    err = torch.tensor([[4.0, 1.0, 0.25]] * 6, dtype=torch.float64)
+    weights = torch.tensor([100, 1, 1, 1, 1, 50], dtype=torch.float64)
+    row_bytes = torch.tensor([1.0, 2.0, 3.0])
+    j = allocate_bits(err, weights, row_bytes, budget=10)
+    assert float(row_bytes[j].sum()) <= 10
+    assert j[0] == 2 and j[5] >= 1 and int(j[1:5].max()) <= j[5]
+
+
+def test_rotation_is_orthogonal():
+    R, neg = rotation_matrix(48, 16, 0)
+    assert torch.allclose(R.T @ R, torch.eye(48, dtype=torch.float64), atol=1e-12)
+    assert neg.dtype == torch.uint8 and set(neg.tolist()) <= {0, 1}
+
+
+def test_gptq_model_meets_its_ratio_decodes_consistently_and_reloads(tmp_path):
+    m = tiny_model("llama")
+    cal = Calibration(torch.arange(1000), torch.eye(32, dtype=torch.float64) + 0.5, None, 0, "test")
+    comp = hf_embcomp.compress(m, "gptq", 6, calibration=cal)
+    rep = comp.compression_report
+    assert rep["compression_ratio"] >= 6 and rep["calibration"]["source"] == "test"
+    hp = rep["hyperparameters"]
+    assert sum(hp["tier_rows"]) == 1000 and len([n for n in hp["tier_rows"] if n]) >= 2  # mixed widths
+    emb = comp.get_compressed_embedding()
+    E = emb.reconstruct()
+    ids = torch.randint(0, 1000, (2, 9))
+    h = torch.randn(3, 32)
+    with torch.no_grad():
+        assert torch.equal(emb(ids), E[ids])
+        assert torch.allclose(emb(logits_from=h), h @ E.T, atol=1e-4)
+    # the most frequent rows (high ids here) got at least as many bits as the rarest
+    rb = emb.row_bits.long()
+    assert rb[-100:].float().mean() >= rb[:100].float().mean()
+    comp.save_pretrained(tmp_path)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+    x = torch.randint(0, 1000, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, comp(x).logits)
+
+
+def test_explicit_tier_rows_are_kept():
+    m = tiny_model("llama")
+    comp = hf_embcomp.compress(m, "gptq", None, tier_rows=[0, 0, 0, 900, 0, 0, 100], calibration=None)
+    assert comp.compression_report["hyperparameters"]["tier_rows"] == [0, 0, 0, 900, 0, 0, 100]
+    assert int((comp.get_compressed_embedding().row_bits == 8).sum()) == 100
+
+
+def test_auto_keeps_the_better_of_two_candidates(monkeypatch, tmp_path):
+    """Two candidates of very different rank: auto keeps the one with the lower probe perplexity, whichever
+    order they are tried in, and the probe scores it reports are those of the models themselves."""
+    import hf_embcomp.auto as auto
+
+    text = tmp_path / "cal.txt"
+    text.write_text(" ".join(f"w{i % 97} x{i % 13}" for i in range(30000)))
+    monkeypatch.setattr(auto, "PROBE_TOKENS", 256)
+    m = tiny_model("llama")
+    chosen = []
+    for order in ([1, 12], [12, 1]):
+        monkeypatch.setattr(auto, "candidates", lambda ratio, o=order: [("svd", {"rank": r}) for r in o])
+        comp = hf_embcomp.compress(m, "auto", 2.0, tokenizer=WordTokenizer(), calibration=str(text))
+        rep = comp.compression_report
+        scores = {c["overrides"]["rank"]: c["probe_perplexity"] for c in rep["auto"]["candidates"]}
+        assert scores[1] != scores[12]
+        assert rep["hyperparameters"]["rank"] == min(scores, key=scores.get)
+        assert "best probe perplexity" in rep["auto"]["why"]
+        probe = auto.Probe(m, WordTokenizer(), hf_embcomp.calibration.calibrate(m, WordTokenizer(), text, max_tokens=0))
+        assert abs(probe.score(comp) - scores[rep["hyperparameters"]["rank"]]) < 1e-6 * scores[1]
+        chosen.append(rep["hyperparameters"]["rank"])
+    assert chosen[0] == chosen[1]
+
+
+def test_auto_refuses_method_hyperparameters():
+    with pytest.raises(ValueError, match="belong to one method"):
+        hf_embcomp.compress(tiny_model("llama"), "auto", 4.0, tokenizer=WordTokenizer(), rank=3)
