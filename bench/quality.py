@@ -82,6 +82,15 @@ class Evaluator:
         self.baseline = self._measure(self.model)
         self._imatrix: tuple[torch.Tensor, dict[str, Any]] | Exception | None = None
 
+    def calibration(self) -> Any:
+        """The model's :class:`hf_embcomp.calibration.Calibration` on the default text (computed once), shared by
+        our calibrated fits and the ``+imatrix`` peers."""
+        if getattr(self, "_calibration", None) is None:
+            from hf_embcomp.calibration import calibrate
+
+            self._calibration = calibrate(self.model, self.tok, quiet=True)
+        return self._calibration
+
     def imatrix(self) -> tuple[torch.Tensor, dict[str, Any]]:
         """The importance matrix float64 [d] the ``+imatrix`` peers use, and how it was made (computed once).
 
@@ -95,7 +104,7 @@ class Evaluator:
 
             t0 = time.perf_counter()
             try:
-                cal = calibrate(self.model, self.tok, quiet=True)
+                cal = self.calibration()
             except CalibrationError as e:
                 self._imatrix = peers_mod.PeerUnavailable(f"no importance matrix: {e}")
                 raise self._imatrix from None
@@ -189,11 +198,13 @@ def run_ours(ev: Evaluator, E: torch.Tensor, method: str, ratio: float, model_ke
     except hf_embcomp.RatioError as e:
         return row | {"status": "skipped", "error": str(e)}
     try:
-        comp = hf_embcomp.compress(ev.model, method, ratio, tokenizer=ev.tok, **overrides)
+        extra = {"calibration": ev.calibration()} if hf_embcomp.get_method(method).uses_calibration else {}
+        comp = hf_embcomp.compress(ev.model, method, ratio, tokenizer=ev.tok, **extra, **overrides)
         rep = comp.compression_report
         emb = comp.get_compressed_embedding()
         actual = sum(t.numel() * t.element_size() for t in emb.state_dict().values())
-        row |= {"ratio": rep["compression_ratio"], "stored_bytes": actual, "accounted_bytes": cfg.stored_bytes(V, d),
+        row |= {"ratio": rep["compression_ratio"], "stored_bytes": actual, "accounted_bytes": rep["stored_bytes"],
+                "calibration": rep.get("calibration"),
                 "fit_seconds": rep["fit_seconds"], "hyperparameters": rep["hyperparameters"],
                 "overrides": overrides, "token_counts_source": rep.get("token_counts_source"), **rep["fidelity"]}
         comp.eval()

@@ -46,8 +46,8 @@ def bucket(ratio: float, ratios: list[float]) -> float:
     return min(ratios, key=lambda r: abs(math.log(ratio / r)))
 
 
-def quality_section(q: dict, link: str) -> list[str]:
-    out = ["### Quality at equal stored bytes", ""]
+def quality_section(q: dict, link: str, source: str = "quality.json", title: str = "Quality at equal stored bytes") -> list[str]:
+    out = [f"### {title}", "", f"From `bench/results/{source}`.", ""]
     env = q.get("environment", {})
     out.append(f"`python bench/quality.py{' --quick' if q.get('quick') else ''}` · torch {env.get('torch')} · "
                f"{env.get('date_utc')} · ratio = fp32 bytes / every stored byte (codes, codebooks, scales, factors), "
@@ -90,11 +90,17 @@ def quality_section(q: dict, link: str) -> list[str]:
             line = [("**" + n + "**") if n in ours else n]
             for c in ratios:
                 r = cell.get((n, c))
-                line.append("" if r is None else f"{_f(r.get(down), 3 if down != 'perplexity' else 1)} ({r['ratio']:.1f}x)")
+                if r is None:
+                    line.append("")
+                elif down == "perplexity" and base.get("perplexity"):
+                    rel = 100 * (r[down] / base["perplexity"] - 1)
+                    line.append(f"{_f(r.get(down), 1)} ({rel:+.1f} %, {r['ratio']:.1f}x)")
+                else:
+                    line.append(f"{_f(r.get(down), 3)} ({r['ratio']:.1f}x)")
             body.append(line)
         out.append(md_table(["method (bold: hf-embcomp)"] + [f"{c:g}x" for c in ratios], body))
         out.append("")
-        out.append(f"Cells: {down.replace('_', ' ')} (actual ratio). Scalar quantisers have a fixed ratio and sit in the "
+        out.append(f"Cells: {down.replace('_', ' ')} ({'change vs uncompressed, ' if down == 'perplexity' else ''}actual ratio). Scalar quantisers have a fixed ratio and sit in the "
                    "nearest column.")
         out += ["", "<details><summary>all rows (row cosine, relative Frobenius error, fit time)</summary>", ""]
         det = []
@@ -238,6 +244,12 @@ def render(results: Path, link: str) -> str:
             lines += ["", f"_No {name}.json yet: run `python bench/{name}.py`._", ""]
         else:
             lines += fn(data, link)
+    for path in sorted(results.glob("quality_*_vs_*.json")):
+        extra = _load(path)
+        if extra and extra.get("benchmark") == "quality":
+            vs = path.stem.split("_vs_", 1)[1]
+            lines += quality_section(extra, link, path.name, f"Quality at equal stored bytes against {vs} "
+                                                             f"({', '.join(extra['models'])})")
     for folder in sorted(results.glob("sweep_*")):
         docs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
         if docs:

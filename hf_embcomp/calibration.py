@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from . import progress
 from .frequency import DEFAULT_OFFSET, _chunks, token_counts
 
 logger = logging.getLogger(__name__)
@@ -165,7 +166,8 @@ def collect(model: torch.nn.Module, ids: torch.Tensor, window: int = WINDOW, bos
     width = window - (bos_id is not None)
     run = 0
     try:
-        for i in tqdm(range(0, int(ids.numel()), width), desc="calibration", unit="window", disable=quiet):
+        for i in tqdm(range(0, int(ids.numel()), width), desc="calibration", unit="window",
+                      disable=quiet or progress.disabled()):
             x = ids[i : i + width]
             if bos_id is not None:
                 x = torch.cat([torch.tensor([bos_id]), x])
@@ -189,6 +191,7 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, text_file: str | Path | No
         tokenizer: its tokenizer.
         text_file: UTF-8 text file, or None for the default text (module docstring).
         max_tokens: tokens the model is run on (0: token counts only).
+        quiet: no progress bars (they also follow :mod:`hf_embcomp.progress`).
 
     Raises:
         CalibrationError: see :func:`calibration_text`.
@@ -197,7 +200,8 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, text_file: str | Path | No
 
     V = model.get_input_embeddings().num_embeddings
     text, desc = calibration_text(text_file)
-    counts = token_counts(tokenizer, _chunks(text), V, desc="calibration: counting tokens")
+    with progress.quiet(quiet):
+        counts = token_counts(tokenizer, _chunks(text), V, desc="calibration: counting tokens")
     if int(counts.sum()) == 0:
         raise CalibrationError(f"the calibration text ({desc}) has no tokens of this vocabulary.")
     sigma = gain = None

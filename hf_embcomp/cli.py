@@ -169,7 +169,7 @@ def _compress(args: argparse.Namespace) -> int:
         if v is not None:
             hp[k] = v
     if args.method != "auto" and args.method not in hf_embcomp.METHODS:
-        raise UserError(f"unknown method {args.method!r}; choose auto or one of: {', '.join(sorted(hf_embcomp.METHODS))}.")
+        raise UserError(f"unknown method {args.method!r}; choose one of: auto, {', '.join(sorted(hf_embcomp.METHODS))}.")
     calibration = "default" if args.calibration is None else (None if args.calibration == "none" else args.calibration)
     if isinstance(calibration, str) and calibration != "default" and not Path(calibration).is_file():
         raise UserError(f"--calibration {calibration} is not a file; pass a UTF-8 text file, or --calibration none.")

@@ -271,7 +271,7 @@ def test_lm_suite_on_tiny_compressed_models(tmp_path, monkeypatch, bert_tokenize
 def minilm8(minilm_path, tmp_path_factory):
     """all-MiniLM-L6-v2 compressed 8x with SVD, saved as `hf-embcomp compress` does."""
     out = tmp_path_factory.mktemp("eval") / "minilm8"
-    assert main(["compress", "--ratio", "8", "--output", str(out), "--quiet"]) == 0
+    assert main(["compress", "--method", "svd", "--ratio", "8", "--output", str(out), "--quiet"]) == 0
     return out
 
 

@@ -69,7 +69,8 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
 )
 def test_bad_compress_arguments(tiny_dir, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
-    code, err = run_cli(["compress", str(tiny_dir / "src"), "--output", str(out), "--quiet", *extra], capsys)
+    code, err = run_cli(["compress", str(tiny_dir / "src"), "--output", str(out), "--quiet", "--method", "svd", *extra],
+                        capsys)
     assert code == 2
     assert err.startswith("hf-embcomp: error: ") and message in err and len(err.splitlines()) == 1, err
     assert "Traceback" not in err
@@ -83,16 +84,17 @@ def test_bad_models_and_outputs(tiny_dir, tmp_path, capsys):
         ([str(tmp_path / "x.gguf")], "does not exist"),
     ]
     for args, message in cases:
-        code, err = run_cli(["compress", *args, "--output", str(tmp_path / "o"), "--quiet"], capsys)
+        code, err = run_cli(["compress", *args, "--output", str(tmp_path / "o"), "--quiet", "--method", "svd"], capsys)
         assert code == 2 and message in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "o").exists()
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
-    code, err = run_cli(["compress", str(tiny_dir / "src"), "--output", str(busy), "--quiet"], capsys)
+    code, err = run_cli(["compress", str(tiny_dir / "src"), "--output", str(busy), "--quiet", "--method", "svd"], capsys)
     assert code == 2 and "--overwrite" in err
     assert sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
-    assert run_cli(["compress", str(tiny_dir / "src"), "--output", str(busy), "--quiet", "--overwrite"], capsys)[0] == 0
+    assert run_cli(["compress", str(tiny_dir / "src"), "--output", str(busy), "--quiet", "--overwrite", "--method", "svd"],
+                   capsys)[0] == 0
     assert (busy / "model.safetensors").exists() and not (busy / "keep.txt").exists()
 
 
