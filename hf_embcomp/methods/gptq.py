@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 BIT_GRID = (1, 2, 3, 4, 5, 6, 8)
 ROW_CHUNK = 16384
+GROUP_GRID = (128, 256, 512, 1 << 30)
+"""Group sizes :meth:`GPTQConfig.from_ratio` tries in turn (the default first; the last: one group a row)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +72,8 @@ class GPTQConfig(MethodConfig):
         allocation: ``"calibrated"`` (the fit assigns widths to rows under ``target_bytes``, module docstring 5)
             or ``"fixed"`` (``tier_rows`` as given; the rows of highest weight get the most bits). Default: fixed
             when the config is built directly, calibrated when it is solved from a ratio.
-        group_size: coordinates sharing one (scale, min) pair (the last group of a row may be shorter).
+        group_size: coordinates sharing one (scale, min) pair (the last group of a row may be shorter);
+            :meth:`from_ratio` takes the first of :data:`GROUP_GRID` that reaches the ratio.
         rotation_block: B of the randomised Hadamard transform (a power of 2 dividing d; 0: none; None: the
             largest power of 2 <= 64 dividing d).
         damp: GPTQ's dampening, a fraction of the mean diagonal of H.
@@ -143,6 +146,14 @@ class GPTQConfig(MethodConfig):
         ratio = check_ratio(ratio)
         V, d = num_embeddings, embedding_dim
         overrides = {k: v for k, v in overrides.items() if k != "target_bytes"}
+        if "group_size" not in overrides:  # larger groups (fewer scales) where the default cannot reach the ratio
+            for g in GROUP_GRID:
+                try:
+                    return cls.from_ratio(V, d, ratio, **overrides, group_size=g)
+                except RatioError:
+                    if g >= d:
+                        raise
+            raise AssertionError("unreachable")
         probe = cls(**{"tier_rows": (V,) + (0,) * (len(tuple(overrides.get("bits", BIT_GRID))) - 1), **overrides})
         if overrides.get("tier_rows") is not None:
             return dataclasses.replace(probe, target_bytes=probe.stored_bytes(V, d), allocation="fixed")
