@@ -86,6 +86,7 @@ class Evaluator:
                 self.stsb = (list(dev["sentence1"]), list(dev["sentence2"]), list(dev["label"]))
                 self.settings["stsb"] = {"pairs": len(dev), "split": "GLUE STS-B dev (../shared/data/glue)",
                                          "metric": "Spearman x100 of cosine vs gold, zero-shot, mean pooling"}
+        self._imatrix: tuple[torch.Tensor, dict[str, Any]] | Exception | None = None
         self.baseline = self._measure(self.model)
         self.baseline_stsb = self._stsb(self.model)
 
@@ -100,7 +101,6 @@ class Evaluator:
         a = encode(model, self.tok, self.stsb[0], batch_size=64)
         b = encode(model, self.tok, self.stsb[1], batch_size=64)
         return float(100 * spearmanr((a * b).sum(1), self.stsb[2]).correlation)
-        self._imatrix: tuple[torch.Tensor, dict[str, Any]] | Exception | None = None
 
     def calibration(self) -> Any:
         """The model's :class:`hf_embcomp.calibration.Calibration` on the default text (computed once), shared by

@@ -94,7 +94,7 @@ def quality_section(q: dict, link: str, source: str = "quality.json", title: str
                     line.append("")
                 elif down == "perplexity" and base.get("perplexity"):
                     rel = 100 * (r[down] / base["perplexity"] - 1)
-                    line.append(f"{_f(r.get(down), 1)} ({rel:+.1f} %, {r['ratio']:.1f}x)")
+                    line.append(f"{_f(r.get(down), 2 if r[down] < 100 else 1)} ({rel:+.1f} %, {r['ratio']:.1f}x)")
                 else:
                     line.append(f"{_f(r.get(down), 3)} ({r['ratio']:.1f}x)")
             body.append(line)
@@ -259,7 +259,7 @@ def render(results: Path, link: str) -> str:
     for path in sorted(results.glob("quality_*_vs_*.json")):
         extra = _load(path)
         if extra and extra.get("benchmark") == "quality":
-            vs = path.stem.split("_vs_", 1)[1]
+            vs = path.stem.split("_vs_", 1)[1].replace("llamacpp", "llama.cpp's formats and the other peers")
             lines += quality_section(extra, link, path.name, f"Quality at equal stored bytes against {vs} "
                                                              f"({', '.join(extra['models'])})")
     for folder in sorted(results.glob("sweep_*")):
