@@ -155,6 +155,7 @@ class GPTQConfig(MethodConfig):
                         raise
             raise AssertionError("unreachable")
         probe = cls(**{"tier_rows": (V,) + (0,) * (len(tuple(overrides.get("bits", BIT_GRID))) - 1), **overrides})
+        probe = dataclasses.replace(probe, rotation_block=probe.block_for(d))
         if overrides.get("tier_rows") is not None:
             return dataclasses.replace(probe, target_bytes=probe.stored_bytes(V, d), allocation="fixed")
         full = V * d * 4
