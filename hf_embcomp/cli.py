@@ -220,16 +220,18 @@ def _compress(args: argparse.Namespace) -> int:
         f"  compression ratio {rep['compression_ratio']:.2f}x vs fp32, {rep['compression_ratio_vs_source']:.2f}x vs source",
         f"  row cosine        mean {fid['row_cosine_mean']:.4f}, 1st percentile {fid['row_cosine_p01']:.4f}",
         f"  rel. Frobenius    {fid['relative_frobenius_error']:.4f}",
-        f"  time              load {steps.t['load']:.1f}s, fit {rep['fit_seconds']:.1f}s, save {steps.t['save']:.1f}s",
+        f"  time              load {steps.t['load']:.1f}s, fit {steps.t['fit']:.1f}s"
+        + (f" (calibration and every candidate; the kept method's own fit {rep['fit_seconds']:.1f}s)" if "auto" in rep else "")
+        + f", save {steps.t['save']:.1f}s",
         f"  repository        {stored / 1e6:.1f} MB on disk; load with "
         f"AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True)",
     ]
     if "auto" in rep:
         a = rep["auto"]
         lines.insert(2, f"  chosen by auto    {a['chosen']}: {a['why']}")
-        for c in a["candidates"]:
+        for i, c in enumerate(a["candidates"]):
             score = {k: v for k, v in c.items() if k.startswith("probe_")}
-            lines.insert(3, f"    candidate       {c['method']} {c['status']} {json.dumps(score)}")
+            lines.insert(3 + i, f"    candidate       {c['method']} {c['status']} {json.dumps(score)}")
     if rep.get("calibration"):
         lines.insert(len(lines) - 2, f"  calibration       {rep['calibration']['source']}")
     print("\n".join(lines))
