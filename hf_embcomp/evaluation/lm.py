@@ -18,7 +18,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from .. import data
+from .. import data, progress
 from .context import EvalContext, SuiteSkipped
 from .results import result
 
@@ -77,7 +77,7 @@ def perplexity(
     device = next(model.parameters()).device
     nll, scored, prev_end = 0.0, 0, 1 - off
     starts = range(0, max(n_tok - width, 0) + stride, stride)
-    for begin in tqdm(starts, desc=desc, unit="window"):
+    for begin in tqdm(starts, desc=desc, unit="window", disable=progress.disabled()):
         end = min(begin + width, n_tok)
         x = ids[begin:end]
         if bos_id is not None:
