@@ -32,6 +32,17 @@ PROBE_TOKENS = 2048
 PASSAGE_TOKENS = 64
 
 
+def _method_fields() -> set[str]:
+    """Hyper-parameter names that belong to one method: every registered config's fields beyond the shared ones
+    (``dtype`` and ``seed`` apply to every candidate)."""
+    import dataclasses
+
+    from .methods import METHODS, MethodConfig
+
+    shared = {f.name for f in dataclasses.fields(MethodConfig)}
+    return {f.name for m in METHODS.values() for f in dataclasses.fields(m.config_class)} - shared
+
+
 def candidates(ratio: float) -> list[tuple[str, dict[str, Any]]]:
     """(method, hyper-parameter overrides) tried for ``ratio``."""
     out: list[tuple[str, dict[str, Any]]] = [("gptq", {})]
@@ -115,8 +126,7 @@ def compress_auto(model: PreTrainedModel, ratio: float | None, *, tokenizer: Any
     from .core import compress, refresh_report, resolve_calibration
     from .methods.base import RatioError, check_ratio
 
-    method_keys = {"rank", "bits", "stages", "epochs", "lam", "exact_rows", "group_size", "tier_rows"}
-    given = sorted(k for k in kwargs if k in method_keys and kwargs[k] is not None)
+    given = sorted(k for k in kwargs if k in _method_fields() and kwargs[k] is not None)
     if given:
         raise ValueError(f"hyper-parameters {given} belong to one method; pass --method NAME with them, not auto.")
     if ratio is None:

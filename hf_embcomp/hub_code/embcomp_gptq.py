@@ -20,12 +20,20 @@ from torch import nn
 from .embcomp_base import CompressedEmbedding, unpack_bits
 
 
+_HADAMARD: dict[tuple[int, torch.dtype, Any], torch.Tensor] = {}
+
+
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device: Any = None) -> torch.Tensor:
-    """The n x n Sylvester-Hadamard matrix divided by sqrt(n) (orthonormal and symmetric); n a power of 2."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / math.sqrt(n)).to(dtype=dtype, device=device)
+    """The n x n Sylvester-Hadamard matrix divided by sqrt(n) (orthonormal and symmetric); n a power of 2.
+    Built once per (n, dtype, device) and cached (every lookup and tied-logits call uses it)."""
+    key = (n, dtype, str(device))
+    h = _HADAMARD.get(key)
+    if h is None:
+        h = torch.ones(1, 1, dtype=torch.float64)
+        while h.shape[0] < n:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        h = _HADAMARD[key] = (h / math.sqrt(n)).to(dtype=dtype, device=device)
+    return h
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:

@@ -45,14 +45,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from typing import Any
 
 import torch
 
 from ..hub_code.embcomp_base import pack_bits
 from ..hub_code.embcomp_gptq import hadamard_matrix
-from .base import DTYPE_BYTES, CompressionMethod, MethodConfig, RatioError, check_ratio, register_method
+from .base import CompressionMethod, MethodConfig, RatioError, check_ratio, register_method
 
 logger = logging.getLogger(__name__)
 
