@@ -26,7 +26,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 
 import hf_embcomp
 from hf_embcomp.data import glue_task
-from hf_embcomp.finetune import stored_embedding
+from hf_embcomp.training.parts import stored_embedding
 from hf_embcomp.io import read_report
 
 

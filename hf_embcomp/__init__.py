@@ -25,8 +25,8 @@ _EXPORTS = {
     "decompress": ".core",
     "fidelity": ".core",
     "is_compressed": ".core",
-    "TrainableParts": ".finetune",
-    "trainable_parts": ".finetune",
+    "TrainableParts": ".training.parts",
+    "trainable_parts": ".training.parts",
     "METHODS": ".methods",
     "RatioError": ".methods",
     "get_method": ".methods",
@@ -37,7 +37,7 @@ _EXPORTS = {
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from .core import CompressionError, compress, decompress, fidelity, is_compressed
-    from .finetune import TrainableParts, trainable_parts
+    from .training.parts import TrainableParts, trainable_parts
     from .io import load_model, save_compressed
     from .methods import METHODS, RatioError, get_method
     from .push import push_to_hub

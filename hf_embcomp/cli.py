@@ -27,7 +27,7 @@ from typing import NamedTuple
 logger = logging.getLogger("hf_embcomp")
 
 # Modules that register further sub-commands (each exposes ``register(subparsers)``).
-_COMMAND_MODULES = ("hf_embcomp.evaluation.cli", "hf_embcomp.push", "hf_embcomp.distill")
+_COMMAND_MODULES = ("hf_embcomp.evaluation.cli", "hf_embcomp.push", "hf_embcomp.training.cli")
 
 
 class MethodInfo(NamedTuple):

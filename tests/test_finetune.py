@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import hf_embcomp
-from hf_embcomp.finetune import stored_embedding
+from hf_embcomp.training.parts import stored_embedding
 from tests.support.isolated import run_isolated
 from tests.support.tiny import V, tiny_model
 

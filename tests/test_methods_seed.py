@@ -163,12 +163,12 @@ def distilled_run(saved, tmp_path_factory):
 
 def test_distill_reports_heldout_gain(distilled_run):
     rep = json.loads((distilled_run / "out" / "compression_report.json").read_text())
-    kd = rep["distillation"]
-    assert rep["method"] == "distilled"
-    assert kd["trained_parameters"] > 0 and kd["heldout_tokens"] == 256
-    before, after = kd["heldout_perplexity_before"], kd["heldout_perplexity_after"]
+    kd = rep["recovery"]
+    assert rep["method"] == "distilled" and kd["metric"] == "held-out perplexity"
+    assert kd["trained_parameters"] > 0 and kd["heldout_tokens"] == 256 and kd["steps"] == 8
+    before, after = kd["before"], kd["after"]
     assert math.isfinite(before) and math.isfinite(after) and after != before
-    assert after < before  # KD + LM on real text from the same source lowers held-out perplexity
+    assert after < before and kd["kept"] == "recovered"  # KD + LM on real text lowers held-out perplexity
     # stored bytes are unchanged by the fine-tune
     student = distilled_run / "student"
     pre = "model.embed_tokens."
@@ -179,7 +179,7 @@ def test_reload_without_package(saved, distilled_run, tmp_path):
     dirs = {m: (str(d), str(ref)) for m, (d, _, ref) in saved.items()}
     out = distilled_run / "out"
     ids = torch.randint(0, 30000, (1, 9), generator=torch.Generator().manual_seed(2))
-    from hf_embcomp.distill import load_compressed
+    from hf_embcomp.training.distill import load_compressed
 
     with torch.no_grad():
         torch.save({"ids": ids, "logits": load_compressed(out)(input_ids=ids).logits}, tmp_path / "kd.pt")

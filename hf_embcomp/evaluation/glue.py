@@ -18,7 +18,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from .. import data
 from .context import EvalContext
-from .finetune import finetune_and_predict, load_head, train_subset
+from ..training.downstream import finetune_and_predict, load_head, train_subset
 from .results import result
 
 logger = logging.getLogger(__name__)

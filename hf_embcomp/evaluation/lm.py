@@ -64,7 +64,7 @@ def perplexity(
         bos_id: put this token first in every window; then the first token of each window is scored too.
 
     Returns:
-        (perplexity, total NLL in nats, number of tokens scored).
+        (perplexity (inf when the mean NLL overflows exp), total NLL in nats, number of tokens scored).
 
     Raises:
         ValueError: fewer than 2 tokens, or a stride that would skip tokens.
@@ -91,7 +91,8 @@ def perplexity(
         prev_end = end
         if end == n_tok:
             break
-    return math.exp(nll / scored), nll, scored
+    mean = nll / scored
+    return (math.exp(mean) if mean < 709 else math.inf), nll, scored  # inf, not OverflowError, for a broken model
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import transformers
 
 from .. import data
 from .context import EvalContext
-from .finetune import finetune_and_predict, load_head, train_subset
+from ..training.downstream import finetune_and_predict, load_head, train_subset
 from .results import result
 
 logger = logging.getLogger(__name__)

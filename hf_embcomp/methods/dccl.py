@@ -34,7 +34,7 @@ from ..hub_code.embcomp_base import pack_bits
 from ..hub_code.embcomp_dccl import code_weights
 from ..losses import mse_loss
 from .base import CompressionMethod, MethodConfig, RatioError, check_ratio, register_method, round_to_dtype
-from .training import train_rows
+from ..training.rows import train_rows
 
 logger = logging.getLogger(__name__)
 

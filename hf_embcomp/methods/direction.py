@@ -33,7 +33,7 @@ from torch import nn
 
 from ..losses import direction_loss
 from .base import CompressionMethod, MethodConfig, RatioError, register_method, round_to_dtype, solve_rank
-from .training import train_rows
+from ..training.rows import train_rows
 
 logger = logging.getLogger(__name__)
 

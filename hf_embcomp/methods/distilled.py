@@ -2,7 +2,7 @@
 Factorization for Compression Using Distilled Nonlinear Neural Decomposition", Findings of EMNLP 2020;
 arXiv 1910.06720): a low-rank factorisation of E with an added non-linearity, initialised by learning
 to reconstruct the pretrained E, then fine-tuned end to end with knowledge distillation (``hf-embcomp
-distill``, :mod:`hf_embcomp.distill`), shared by the input embedding and the tied output projection.
+recover``, :mod:`hf_embcomp.training.recover`), shared by the input embedding and the tied output projection.
 
 Neither the paper's text nor code was available (../shared/docs/methods.md §3), so the placement of the
 non-linearity is this project's decision: E_hat = A B + phi(A W_in^T + b_in) W_out^T + b_out, a rank-r
@@ -28,7 +28,7 @@ from torch import nn
 from ..hub_code.embcomp_distilled import ACTIVATIONS, DistilledEmbedding
 from ..losses import mse_loss
 from .base import CompressionMethod, MethodConfig, RatioError, register_method, round_to_dtype, solve_rank
-from .training import train_rows
+from ..training.rows import train_rows
 
 
 @dataclasses.dataclass(frozen=True)

@@ -80,7 +80,7 @@ from torch import nn
 from ..hub_code.embcomp_base import pack_bits
 from ..losses import lighttoken_loss
 from .base import DTYPE_BYTES, CompressionMethod, MethodConfig, RatioError, check_ratio, register_method, round_to_dtype
-from .training import train_rows
+from ..training.rows import train_rows
 
 logger = logging.getLogger(__name__)
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
 import transformers
 
-from .context import EvalContext
+if TYPE_CHECKING:  # the evaluation suites call in here; no import back at run time
+    from ..evaluation.context import EvalContext
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .core import is_compressed
+from ..core import is_compressed
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,237 @@
+"""Recovery: a short knowledge-distillation fine-tune of a compressed model from its uncompressed teacher,
+after any method, that keeps the result only if held-out text says it is better.
+
+What trains (the stored format and bytes never change):
+
+- the compressed embedding's real-valued tensors (LightToken's decoder, GPTQ's group scales and minimums, SVD's
+  factors ...); integer codes are buffers and stay fixed;
+- optionally (``lora_rank > 0``) LoRA adapters (Hu et al., 2021, through ``peft``) on every ``nn.Linear`` of the
+  backbone, merged back into the backbone's weights at the end, so the saved model has the source's layout and
+  size and needs no peft to load.
+
+The lifecycle (:func:`recover`): score the student on held-out text -> snapshot its weights -> (wrap LoRA) ->
+distil (:func:`hf_embcomp.training.distill.distill`, step and time budgets) -> (merge LoRA) -> score again ->
+keep the better of the two. The held-out score is the causal LM's perplexity (lower is better) or, for an
+encoder, the mean cosine of its mean-pooled last hidden states to the teacher's (higher is better), on text
+the training never sees (:func:`hf_embcomp.training.distill.split_tokens`).
+
+CLI: ``hf-embcomp recover DIR --teacher MODEL -o OUT`` (:mod:`hf_embcomp.training.cli`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .distill import distill, steps_run
+from .parts import compressed_embedding, trainable_parts
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RecoveryResult:
+    """What :func:`recover` did.
+
+    Attributes:
+        kept: ``"recovered"`` (the fine-tuned weights are in the model) or ``"original"`` (the fine-tune did not
+            beat the model on held-out text; its weights were restored bit for bit).
+        metric: ``"held-out perplexity"`` (lower is better) or ``"held-out sentence cosine"`` (higher is better).
+        before, after, teacher: the held-out score of the student before and after the fine-tune, and the teacher's.
+        steps: optimiser steps run; ``max_steps`` unless the time budget stopped it earlier.
+        trained_parameters: scalars that trained (embedding tensors + LoRA adapters).
+        lora_rank: LoRA rank on the backbone (0: none).
+        seconds: wall time of the fine-tune (scoring excluded).
+        log: the trainer's loss history.
+    """
+
+    kept: str
+    metric: str
+    before: float
+    after: float
+    teacher: float
+    steps: int
+    trained_parameters: int
+    lora_rank: int
+    seconds: float
+    heldout_tokens: int
+    log: list[dict[str, float]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class HeldOut:
+    """The held-out score of a model on ``ids`` (module docstring); :meth:`better` compares two scores."""
+
+    def __init__(self, teacher: nn.Module, ids: torch.Tensor, window: int = 512, bos_id: int | None = None,
+                 passage_tokens: int = 64) -> None:
+        self.ids = ids
+        self.causal = teacher.get_output_embeddings() is not None
+        self.metric = "held-out perplexity" if self.causal else "held-out sentence cosine"
+        self.window, self.bos_id = window, bos_id
+        if not self.causal:
+            n = max(1, ids.numel() // passage_tokens)
+            self.passages = ids[: n * passage_tokens].reshape(n, -1)
+            self.reference = self._pooled(teacher)
+
+    @torch.no_grad()
+    def _pooled(self, model: nn.Module) -> torch.Tensor:
+        dev = next(model.parameters()).device
+        out = []
+        for i in range(0, self.passages.shape[0], 16):
+            h = model(input_ids=self.passages[i : i + 16].to(dev), output_hidden_states=True).hidden_states[-1]
+            out.append(nn.functional.normalize(h.float().mean(1), dim=-1).cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def score(self, model: nn.Module) -> float:
+        """Perplexity (causal) or mean pooled cosine to the teacher (encoder) of ``model`` in eval mode."""
+        from ..evaluation.lm import perplexity
+
+        was = model.training
+        model.eval()
+        try:
+            if self.causal:
+                w = min(self.window, self.ids.numel())
+                return perplexity(model, self.ids, window=w, stride=w - (self.bos_id is not None),
+                                  bos_id=self.bos_id, desc="held-out ppl")[0]
+            return float((self._pooled(model) * self.reference).sum(-1).mean())
+        finally:
+            model.train(was)
+
+    def better(self, a: float, b: float) -> bool:
+        """True if score ``a`` is strictly better than ``b`` (a NaN is never better)."""
+        if a != a:
+            return False
+        if b != b:
+            return True
+        return a < b if self.causal else a > b
+
+
+def lora_targets(model: nn.Module) -> list[str]:
+    """Full names of the backbone's ``nn.Linear`` modules (the compressed embedding's own excluded)."""
+    emb = compressed_embedding(model)
+    inside = {id(m) for m in emb.modules()}
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in inside]
+
+
+def embedding_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
+    """AdamW groups for the compressed embedding's trainable tensors: one per tensor, learning rate
+    ``lr * RMS(tensor)`` (a relative step size; a zero tensor gets ``lr``)."""
+    groups = []
+    for p in compressed_embedding(model).parameters():
+        if p.requires_grad:
+            rms = float(p.detach().float().pow(2).mean().sqrt())
+            groups.append({"params": [p], "lr": lr * (rms if rms > 0 else 1.0)})
+    return groups
+
+
+def _wrap_lora(model: nn.Module, rank: int, seed: int) -> nn.Module:
+    """``model`` with LoRA adapters of ``rank`` on :func:`lora_targets` (peft); only the adapters train."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:  # pragma: no cover - peft is in the train / test extras
+        raise ImportError("LoRA recovery needs peft: pip install 'hf-embcomp[train]' (or pass --lora-rank 0).") from e
+    targets = lora_targets(model)
+    if not targets:
+        raise ValueError("the backbone has no nn.Linear layer to put LoRA adapters on; pass --lora-rank 0.")
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, bias="none")
+    return get_peft_model(model, cfg)
+
+
+def recover(
+    student: nn.Module,
+    teacher: nn.Module,
+    blocks: torch.Tensor,
+    heldout: torch.Tensor,
+    *,
+    lora_rank: int = 0,
+    train_embedding: bool = True,
+    max_steps: int = 200,
+    max_seconds: float | None = None,
+    lr: float = 1e-3,
+    lora_lr: float = 1e-4,
+    batch_size: int = 4,
+    temperature: float = 2.0,
+    kd_weight: float = 0.5,
+    eval_window: int = 512,
+    bos_id: int | None = None,
+    seed: int = 0,
+    quiet: bool = False,
+) -> RecoveryResult:
+    """Fine-tune ``student`` (in place) by KD from ``teacher`` and keep the result only if it scores better on
+    ``heldout`` (module docstring).
+
+    Args:
+        student: an hf-embcomp model (causal LM or encoder), float32, on the teacher's device.
+        teacher: the uncompressed source model (same vocabulary), frozen.
+        blocks: int64 [n, L] training token blocks (never overlapping ``heldout``).
+        heldout: int64 [N] held-out token ids.
+        lora_rank: rank of LoRA adapters on the backbone's linear layers, merged back at the end (0: none).
+        train_embedding: train the compressed embedding's real-valued tensors.
+        max_steps, max_seconds: step budget (the schedule's length) and wall-time budget in seconds.
+        lr: the compressed embedding's step size relative to each tensor's magnitude: AdamW with learning rate
+            ``lr * RMS(tensor)`` per tensor (a group scale of 0.01 and one of 1 both move ~lr of their size per
+            step); linear decay, 5 % warm-up.
+        lora_lr: AdamW learning rate of the LoRA adapters.
+        eval_window: tokens per window of the held-out perplexity (``bos_id`` first when given).
+
+    Returns:
+        A :class:`RecoveryResult`; the student holds the kept weights, in eval mode.
+
+    Raises:
+        ValueError: nothing would train (``lora_rank`` 0 and no real-valued embedding tensor, or
+            ``train_embedding`` False), vocabularies differ, or ``lora_rank`` < 0.
+    """
+    if lora_rank < 0:
+        raise ValueError(f"lora_rank must be >= 0, got {lora_rank}.")
+    held = HeldOut(teacher, heldout, window=eval_window, bos_id=bos_id)
+    score_teacher = held.score(teacher)
+    before = held.score(student)
+    snapshot = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    emb_flag = compressed_embedding(student).trainable
+
+    parts = trainable_parts(student, "embedding_only")
+    if not train_embedding:
+        student.requires_grad_(False)
+    if lora_rank == 0 and (not train_embedding or parts.model_trainable == 0):
+        raise ValueError("nothing to train: this compressed embedding has no real-valued tensor (or "
+                         "--no-embedding was given); pass --lora-rank R to train LoRA adapters on the backbone.")
+    model = _wrap_lora(student, lora_rank, seed) if lora_rank else student
+    if lora_rank and train_embedding:  # peft froze everything but its adapters
+        for p in compressed_embedding(student).parameters():
+            p.requires_grad_(p.is_floating_point())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    groups = embedding_groups(student, lr)
+    in_emb = {id(p) for g in groups for p in g["params"]}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in in_emb]
+    groups += [{"params": rest, "lr": lora_lr}] if rest else []
+
+    t0 = time.perf_counter()
+    log = distill(model, teacher, blocks, temperature=temperature, kd_weight=kd_weight, batch_size=batch_size,
+                  max_steps=max_steps, max_seconds=max_seconds, lr=lora_lr, param_groups=groups, seed=seed,
+                  quiet=quiet)
+    seconds = time.perf_counter() - t0
+    if lora_rank:
+        model.merge_and_unload()  # the adapters are folded into the backbone's weights, in place
+    student.requires_grad_(False)
+    after = held.score(student)
+
+    kept = "recovered"
+    if not held.better(after, before):
+        student.load_state_dict(snapshot)
+        kept = "original"
+        logger.warning("recovery did not improve the %s (%.4g -> %.4g): the original weights are kept.",
+                       held.metric, before, after)
+    compressed_embedding(student).set_trainable(emb_flag)
+    student.eval()
+    return RecoveryResult(kept=kept, metric=held.metric, before=before, after=after, teacher=score_teacher,
+                          steps=steps_run(log, max_steps), trained_parameters=n_train, lora_rank=lora_rank,
+                          seconds=round(seconds, 1), heldout_tokens=int(heldout.numel()), log=log)
