@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -214,7 +215,9 @@ def quick_overrides(method: str) -> dict[str, Any]:
 
 
 def run_ours(ev: Evaluator, E: torch.Tensor, method: str, ratio: float, model_key: str,
-             overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+             overrides: dict[str, Any] | None = None, recovery: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The post-training row of ``method`` at ``ratio`` and, with ``recovery`` (keyword arguments of
+    :func:`hf_embcomp.training.recover.recover` plus ``data``), the recovered row after it."""
     import hf_embcomp
     from hf_embcomp.core import method_config
 
@@ -239,13 +242,46 @@ def run_ours(ev: Evaluator, E: torch.Tensor, method: str, ratio: float, model_ke
         comp.eval()
         row |= ev.score(comp)
         row["status"] = "ok"
+        rows = [row] + ([run_recovered(ev, comp, row, recovery)] if recovery else [])
         del comp
     except hf_embcomp.RatioError as e:
-        row |= {"status": "skipped", "error": str(e)}
+        rows = [row | {"status": "skipped", "error": str(e)}]
     except Exception as e:  # noqa: BLE001 - a benchmark records failures and goes on
         logger.warning("%s at %gx failed: %s", method, ratio, e)
-        row |= {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=4)}
+        rows = [row | {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=4)}]
     gc.collect()
+    return rows
+
+
+def run_recovered(ev: Evaluator, comp: torch.nn.Module, post: dict[str, Any], recovery: dict[str, Any]) -> dict[str, Any]:
+    """``hf-embcomp recover`` on the compressed model in memory (the CLI's defaults unless ``recovery`` says
+    otherwise), then the same score as the post-training row; method ``<method>+recover``."""
+    from hf_embcomp.evaluation.lm import needs_bos
+    from hf_embcomp.training.distill import split_tokens, text_tokens
+    from hf_embcomp.training.recover import recover
+    from hf_embcomp.io import save_compressed
+    from hf_embcomp.training.parts import stored_embedding
+
+    kw = dict(recovery)
+    data, seq_len, held_n = kw.pop("data", "wikipedia"), kw.pop("seq_len", 128), kw.pop("heldout_tokens", 4096)
+    row = {k: post[k] for k in ("model", "ratio_requested", "ratio", "stored_bytes", "accounted_bytes",
+                                "hyperparameters")} | {"method": post["method"] + "+recover", "kind": "ours",
+                                                       "library": "hf-embcomp", "post_training": post["method"]}
+    try:
+        held, blocks = split_tokens(text_tokens(ev.tok, data), data, held_n, seq_len)
+        bos = needs_bos(ev.tok) if ev.causal else None
+        comp.float()
+        res = recover(comp, ev.model, blocks, held, bos_id=bos, quiet=True, **kw)
+        with tempfile.TemporaryDirectory() as tmp:  # the bytes as saved (float tensors in their storage dtype)
+            save_compressed(comp, Path(tmp) / "m")
+            row["stored_bytes_after"] = sum(v[2] for v in stored_embedding(Path(tmp) / "m", comp).values())
+        row |= {"recovery": res.as_dict() | {"settings": recovery}, "recovery_seconds": res.seconds,
+                "fit_seconds": post.get("fit_seconds")}
+        row |= ev.score(comp)
+        row["status"] = "ok"
+    except Exception as e:  # noqa: BLE001
+        logger.warning("recovery of %s failed: %s", post["method"], e)
+        row |= {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=4)}
     return row
 
 
@@ -331,6 +367,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--stsb", action="store_true", help="encoders: also STS-B dev Spearman (1,500 pairs, zero-shot)")
     ap.add_argument("--rq-max-stages", type=int, default=16, help="skip RQ where it needs more stages (slow fits)")
     ap.add_argument("--threads", type=int, default=None, help="torch / faiss threads (default: torch's)")
+    ap.add_argument("--recover-minutes", type=float, default=None,
+                    help="also a recovered row per method (hf-embcomp recover, this many minutes of training each)")
+    ap.add_argument("--recover-lora", type=int, default=0, help="LoRA rank of the recovery (default 0: embedding only)")
+    ap.add_argument("--recover-steps", type=int, default=2000, help="step budget (schedule length) of the recovery")
+    ap.add_argument("--recover-lr", type=float, default=None, help="relative step size of the embedding (CLI default)")
     ap.add_argument("--out", type=Path, default=common.RESULTS / "quality.json")
     ap.add_argument("--resume", action="store_true", help="keep rows of --out that are ok/skipped, run the rest")
     args = ap.parse_args(argv)
@@ -363,6 +404,11 @@ def main(argv: list[str] | None = None) -> dict:
         payload["methods"] = [m for m in common.registered_methods() if m in set(old.get("methods", [])) | set(methods)]
         payload["peers"] = [p for p in peers_mod.PEERS if p in set(old.get("peers", [])) | set(peer_names)]
     done = done_keys(payload["rows"])
+    recovery = None
+    if args.recover_minutes:
+        recovery = {"max_seconds": 60 * args.recover_minutes, "max_steps": args.recover_steps,
+                    "lora_rank": args.recover_lora} | ({"lr": args.recover_lr} if args.recover_lr else {})
+        payload["recovery"] = recovery
 
     def add(row: dict) -> None:
         payload["rows"] = [r for r in payload["rows"]
@@ -396,7 +442,9 @@ def main(argv: list[str] | None = None) -> dict:
             for method in methods:
                 if (model_key, method, ratio) in done:
                     continue
-                add(run_ours(ev, E, method, ratio, model_key, quick_overrides(method) if quick else None))
+                for row in run_ours(ev, E, method, ratio, model_key, quick_overrides(method) if quick else None,
+                                    recovery=recovery):
+                    add(row)
             for peer in peer_names:
                 if peers_mod.PEERS[peer][0] != "ratio" or any(
                         r["model"] == model_key and r.get("peer") == peer and r["ratio_requested"] == ratio

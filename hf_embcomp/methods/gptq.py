@@ -29,6 +29,13 @@ Equations followed
    row in the softmax normaliser). A Lagrange multiplier search assigns each row the bit width minimising
    w_v err_v(b) + lambda bytes(b) under the byte budget of the ratio (the rate-distortion allocation of
    transform coding). Rows of one bit width form a tier.
+6. Refinement (ours; the alternating step of Lloyd-style quantiser design): with the codes q of a row fixed,
+   its (scale, min) pairs theta = (s_1..s_G, m_1..m_G) minimise (x - A theta)^T H' (x - A theta) with
+   A [d, 2G] (column g: q_j on the coordinates of group g; column G + g: 1 there), so theta = (A^T H' A)^-1
+   A^T H' x, rounded to ``dtype``; GPTQ then re-chooses the codes under the refitted pairs. On 4,096 random
+   SmolLM2 rows the H'-error falls by 12.7 / 3.5 / 2.4 / 2.1 % at 1 / 2 / 3 / 4 bits after a refit alone, by
+   18 / 6 / 3 % at 1 / 2 / 4 bits with ``refine=1`` (the default; 3-4x the time of the tier's GPTQ pass) and by
+   19 / 6 / 3 % with ``refine=2``.
 
 Measured while choosing (SmolLM2-135M, 4,096-token Wikipedia perplexity, stock 21.32; uniform bits):
 round-to-nearest 4-bit g32 asymmetric 22.76, imatrix-weighted scales 22.12, GPTQ 3-bit g32 23.75 (RTN 26.11),
@@ -77,6 +84,8 @@ class GPTQConfig(MethodConfig):
             largest power of 2 <= 64 dividing d).
         damp: GPTQ's dampening, a fraction of the mean diagonal of H.
         count_floor: row weights are count + count_floor * mean count (module docstring, 5).
+        refine: rounds of (refit the scales and mins to the codes, GPTQ again with them fixed) after the first
+            GPTQ pass of each tier, ending with a refit; each row keeps its best round (module docstring, 6).
         dtype: storage dtype of the scales and mins (default float16).
     """
 
@@ -88,6 +97,7 @@ class GPTQConfig(MethodConfig):
     rotation_block: int | None = None
     damp: float = 0.01
     count_floor: float = 1.0
+    refine: int = 1
     allocation: str = "fixed"
 
     def __post_init__(self) -> None:
@@ -105,6 +115,8 @@ class GPTQConfig(MethodConfig):
             raise ValueError(f"group_size must be >= 1 (got {self.group_size}).")
         if self.tier_rows is None:
             raise ValueError("gptq needs a ratio or explicit tier_rows (rows per bit width); pass --ratio.")
+        if int(self.refine) < 0:
+            raise ValueError(f"refine must be >= 0 rounds (got {self.refine}).")
         if self.allocation not in ("calibrated", "fixed"):
             raise ValueError(f"allocation must be 'calibrated' or 'fixed' (got {self.allocation!r}).")
 
@@ -235,8 +247,13 @@ def _fit_group(x: torch.Tensor, w: torch.Tensor, levels: int, dtype: str) -> tup
 
 
 def gptq_rows(W: torch.Tensor, hinv_u: torch.Tensor, bits: int, group_size: int, colw: torch.Tensor,
-              dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              dtype: str, fixed: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ Algorithm 1 on rows W float32 [n, d] with the upper Cholesky factor of H^-1 (float32 [d, d]).
+
+    Args:
+        fixed: (scales, mins) float32 [n, G] to quantise with; None: each group's pair is fitted when GPTQ
+            reaches it (equation 3).
 
     Returns:
         (codes int32 [n, d] in [0, 2^bits - 1], scales float32 [n, G], mins float32 [n, G]), G = ceil(d / g).
@@ -247,8 +264,8 @@ def gptq_rows(W: torch.Tensor, hinv_u: torch.Tensor, bits: int, group_size: int,
     block = g * max(1, 128 // g)
     G = -(-d // g)
     Q = torch.zeros(n, d, dtype=torch.int32)
-    S = torch.zeros(n, G)
-    M = torch.zeros(n, G)
+    S = torch.zeros(n, G) if fixed is None else fixed[0].clone()
+    M = torch.zeros(n, G) if fixed is None else fixed[1].clone()
     for i1 in range(0, d, block):
         i2 = min(i1 + block, d)
         W1 = W[:, i1:i2].clone()
@@ -257,8 +274,11 @@ def gptq_rows(W: torch.Tensor, hinv_u: torch.Tensor, bits: int, group_size: int,
         for i in range(i2 - i1):
             c = i1 + i
             if c % g == 0:
-                s, m = _fit_group(W1[:, i : i + g], colw[c : c + g], levels, dtype)
-                S[:, c // g], M[:, c // g] = s[:, 0], m[:, 0]
+                if fixed is None:
+                    s, m = _fit_group(W1[:, i : i + g], colw[c : c + g], levels, dtype)
+                    S[:, c // g], M[:, c // g] = s[:, 0], m[:, 0]
+                else:
+                    s, m = S[:, c // g : c // g + 1], M[:, c // g : c // g + 1]
             col = W1[:, i]
             q = torch.clamp(torch.round((col - m[:, 0]) / s[:, 0]), 0, levels)
             Q[:, c] = q.to(torch.int32)
@@ -273,6 +293,58 @@ def dequantise(Q: torch.Tensor, S: torch.Tensor, M: torch.Tensor, group_size: in
     """codes [n, d], scales / mins [n, G] -> float32 [n, d] (rotated basis)."""
     d = Q.shape[1]
     return Q.float() * S.repeat_interleave(group_size, 1)[:, :d] + M.repeat_interleave(group_size, 1)[:, :d]
+
+
+def h_error(x: torch.Tensor, x_hat: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """(x - x_hat)^T H (x - x_hat) per row: float32 [n] for rows [n, d] and H float32 [d, d]."""
+    delta = x - x_hat
+    return ((delta @ H) * delta).sum(1)
+
+
+def refit_scales(x: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, group_size: int, dtype: str,
+                 chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """The H-optimal (scales, mins) float32 [n, G] for fixed codes Q int [n, d] of rows x float32 [n, d]
+    (module docstring, 6), rounded to ``dtype``; computed in chunks of ``chunk`` rows (memory n_chunk d 2G)."""
+    n, d = x.shape
+    G = -(-d // group_size)
+    onehot = torch.nn.functional.one_hot(torch.arange(d) // group_size, G).float()  # [d, G]
+    store = getattr(torch, dtype)
+    S, M = torch.empty(n, G), torch.empty(n, G)
+    for i in range(0, n, chunk):
+        q, xi = Q[i : i + chunk].float(), x[i : i + chunk]
+        A = torch.cat([q.unsqueeze(-1) * onehot, onehot.expand(q.shape[0], d, G)], -1)  # [c, d, 2G]
+        HA = torch.einsum("jk,ckb->cjb", H, A)
+        AtHA = torch.einsum("cja,cjb->cab", A, HA).double()
+        AtHx = torch.einsum("cja,cj->ca", HA, xi).double()
+        ridge = 1e-9 * AtHA.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
+        theta = torch.linalg.solve(AtHA + ridge[:, None, None] * torch.eye(2 * G, dtype=torch.float64), AtHx)
+        S[i : i + chunk] = theta[:, :G].to(store).float()
+        M[i : i + chunk] = theta[:, G:].to(store).float()
+    return S, M
+
+
+def refine_rows(x: torch.Tensor, hinv_u: torch.Tensor, H: torch.Tensor, bits: int, group_size: int,
+                colw: torch.Tensor, dtype: str, rounds: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ, then ``rounds`` x (refit the pairs, GPTQ with them fixed), then a last refit; every row keeps the
+    (codes, scales, mins) of its lowest H-error (module docstring, 6). Shapes as :func:`gptq_rows`."""
+    Q, S, M = gptq_rows(x, hinv_u, bits, group_size, colw, dtype)
+    if rounds <= 0:
+        return Q, S, M
+    best = [Q, S, M]
+    best_err = h_error(x, dequantise(Q, S, M, group_size), H)
+    for r in range(rounds + 1):
+        S, M = refit_scales(x, Q, H, group_size, dtype)
+        S = torch.where(torch.isfinite(S), S, best[1])
+        M = torch.where(torch.isfinite(M), M, best[2])
+        for cand in ([Q, S, M],) if r == rounds else ([Q, S, M], list(gptq_rows(x, hinv_u, bits, group_size, colw,
+                                                                               dtype, fixed=(S, M)))):
+            err = h_error(x, dequantise(*cand, group_size), H)
+            k = err < best_err
+            best = [torch.where(k[:, None], c, b) for c, b in zip(cand, best)]
+            best_err = torch.where(k, err, best_err)
+        Q = best[0]
+        S, M = best[1], best[2]
+    return best[0], best[1], best[2]
 
 
 def pack_codes(Q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -333,6 +405,7 @@ class GPTQMethod(CompressionMethod):
         Hr += config.damp * torch.diagonal(Hr).mean() * torch.eye(d, dtype=torch.float64)
         hinv_u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hr)), upper=True).float()
         colw = torch.diagonal(Hr).float()
+        Hf = Hr.float()
         Er = (E.double() @ R).float()
         bits = list(config.bits)
         if config.allocation == "calibrated":
@@ -348,8 +421,8 @@ class GPTQMethod(CompressionMethod):
             tier_rows.append(int(ids.numel()))
             if not ids.numel():
                 continue
-            parts = [gptq_rows(Er[ids[i : i + ROW_CHUNK]], hinv_u, b, config.group_size, colw, config.dtype)
-                     for i in range(0, ids.numel(), ROW_CHUNK)]
+            parts = [refine_rows(Er[ids[i : i + ROW_CHUNK]], hinv_u, Hf, b, config.group_size, colw, config.dtype,
+                                 int(config.refine)) for i in range(0, ids.numel(), ROW_CHUNK)]
             state[f"codes_b{b}"] = pack_codes(torch.cat([p[0] for p in parts]), b)
             state[f"scales_b{b}"] = torch.cat([p[1] for p in parts])
             state[f"mins_b{b}"] = torch.cat([p[2] for p in parts])
