@@ -27,7 +27,7 @@ from typing import NamedTuple
 logger = logging.getLogger("hf_embcomp")
 
 # Modules that register further sub-commands (each exposes ``register(subparsers)``).
-_COMMAND_MODULES = ("hf_embcomp.evaluation.cli", "hf_embcomp.push", "hf_embcomp.training.cli")
+_COMMAND_MODULES = ("hf_embcomp.evaluation.cli", "hf_embcomp.push", "hf_embcomp.training.cli", "hf_embcomp.export")
 
 
 class MethodInfo(NamedTuple):
