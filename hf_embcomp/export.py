@@ -11,7 +11,7 @@ Inputs and outputs follow optimum's ONNX names: ``input_ids``, ``attention_mask`
 the backbone takes them), int64 [batch_size, sequence_length]; output ``last_hidden_state`` float
 [batch_size, sequence_length, d] (``feature-extraction``) or ``logits`` ([batch_size, num_labels] for
 ``text-classification``, [batch_size, sequence_length, V] for ``text-generation``). Causal LMs are exported
-without a key/value cache (every step re-reads the whole sequence); see docs/deploy.md.
+without a key/value cache (every step re-reads the whole sequence); see the README, "Deploy".
 
 Out-of-range token ids are not checked inside the graph (eager mode raises IndexError).
 """
