@@ -19,7 +19,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .hub_code.modeling_embcomp import ENTRY_AUTO_CLASSES, stock_class_for
+from .hub_code.modeling_embcomp import ENTRY_AUTO_CLASSES, MIN_TRANSFORMERS_VERSION, stock_class_for
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +218,11 @@ def build_card(
         ratio=report["compression_ratio"],
         ratio_vs_source=report["compression_ratio_vs_source"],
         fidelity=report["fidelity"],
+        body_dtype=report.get("body_dtype"),
+        min_transformers=MIN_TRANSFORMERS_VERSION,
+        model_bytes=report.get("model_bytes"),
+        source_model_bytes=report.get("source_model_bytes"),
+        model_ratio=report.get("model_compression_ratio"),
         results=table,
         any_quick=any(r["quick"] for r in table),
         results_created=(results or {}).get("created"),

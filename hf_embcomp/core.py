@@ -14,6 +14,7 @@ import torch
 import transformers
 from transformers import PreTrainedModel
 
+from .body import model_size_report, resolve_body_dtype
 from .hub_code.configuration_embcomp import FORMAT_VERSION, EmbCompConfig
 from .hub_code.embcomp_base import CompressedEmbedding
 from .hub_code.modeling_embcomp import ENTRY_AUTO_CLASSES, ENTRY_CLASSES, auto_map_for, stock_class_for
@@ -141,6 +142,7 @@ def compress(
     token_counts: torch.Tensor | None = None,
     corpus: str | None = None,
     calibration: Any = "default",
+    body_dtype: str | torch.dtype | None = "auto",
     **hyperparameters: Any,
 ) -> PreTrainedModel:
     """Compress the token embedding of a stock transformers model.
@@ -174,10 +176,13 @@ def compress(
             a :class:`hf_embcomp.calibration.Calibration`, a UTF-8 text file to calibrate on, ``"default"``
             (the built-in calibration text, when a tokenizer is given) or None (no calibration). Recorded in the
             report and config.
+        body_dtype: dtype of every weight but the compressed embedding (:func:`hf_embcomp.body.resolve_body_dtype`):
+            ``"auto"`` keeps the source checkpoint's precision class (bfloat16 for a quantised GGUF file).
         **hyperparameters: overrides passed to the method config (``rank=``, ``dtype=``, ``seed=`` ...).
 
     Returns:
-        The compressed model, in eval/train mode as ``model``, on ``model``'s device and dtype. Its
+        The compressed model, in eval/train mode as ``model``, on ``model``'s device, in the body dtype
+        (``body_dtype``). Its
         ``compression_report`` attribute holds the report written to ``compression_report.json``.
 
     Raises:
@@ -191,7 +196,7 @@ def compress(
         return compress_auto(model, ratio, source=source, source_revision=source_revision, source_dtype=source_dtype,
                              source_embedding_bytes=source_embedding_bytes, device=device, tokenizer=tokenizer,
                              source_folder=source_folder, token_counts=token_counts, corpus=corpus,
-                             calibration=calibration, **hyperparameters)
+                             calibration=calibration, body_dtype=body_dtype, **hyperparameters)
     weight = embedding_weight(model)
     V, d = weight.shape
     if source is None:  # where load_model loaded the model from
@@ -208,7 +213,7 @@ def compress(
         raise ValueError(f"config must be a {meth.config_class.__name__} for method {method!r}.")
     auto = auto_class_of(model)
     old = model.get_input_embeddings()
-    model_dtype = weight.dtype if model.dtype is None else model.dtype
+    model_dtype = resolve_body_dtype(model, body_dtype)
 
     torch.manual_seed(cfg.seed)
     fit_device = torch.device(device) if device is not None else old.weight.device
@@ -306,7 +311,7 @@ def compress(
         "compression_ratio_vs_source": block["compression_ratio_vs_source"],
         "fit_seconds": round(fit_seconds, 3),
         "fidelity": fid,
-    }
+    } | model_size_report(model, new)
     if meth.uses_token_counts:
         new.compression_report["token_counts_source"] = counts_source
     if meth.uses_calibration:

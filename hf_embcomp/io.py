@@ -55,8 +55,10 @@ class Source:
 
 
 SOURCE_ATTRIBUTE = "_embcomp_source"
-"""Attribute :func:`load_model` sets on the model it loads: ``{"name", "revision", "dtype", "embedding_bytes"}``
-(the :class:`Source` label, Hub revision, and the GGUF embedding's dtype name and bytes, or None).
+"""Attribute :func:`load_model` sets on the model it loads: ``{"name", "revision", "dtype", "embedding_bytes",
+"body_dtype", "model_bytes"}`` (the :class:`Source` label, Hub revision, the GGUF embedding's dtype name and bytes,
+and the GGUF body's precision class and the bytes of all its tensors (:func:`hf_embcomp.body.gguf_body_info`);
+None where not a GGUF file).
 :func:`hf_embcomp.compress` records these when it is not given ``source=``."""
 
 
@@ -150,12 +152,15 @@ def load_model(
     except Exception as e:  # noqa: BLE001
         raise SourceError(f"cannot load {name}: {str(e).splitlines()[0]}") from None
     m.eval()
-    emb_dtype = emb_bytes = None
+    emb_dtype = emb_bytes = body_dtype = model_bytes = None
     if gguf_file and folder is not None:
+        from .body import gguf_body_info
+
         emb_dtype, emb_bytes = _gguf_embedding_info(folder / gguf_file)
+        body_dtype, model_bytes = gguf_body_info(folder / gguf_file)
     src = Source(m, tok, name, folder, gguf_file, emb_dtype, emb_bytes, revision)
     setattr(m, SOURCE_ATTRIBUTE, {"name": src.label, "revision": revision, "dtype": emb_dtype,
-                                  "embedding_bytes": emb_bytes})
+                                  "embedding_bytes": emb_bytes, "body_dtype": body_dtype, "model_bytes": model_bytes})
     return src
 
 

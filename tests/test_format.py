@@ -207,3 +207,18 @@ def test_compress_is_not_in_place_and_float16_storage(saved, tmp_path):
     block = comp.config.embedding_compression
     assert stored == block["stored_bytes"] and V * stock.config.hidden_size * 4 / stored == pytest.approx(block["compression_ratio"])
     assert block["compression_ratio"] >= 4
+
+
+def test_entry_file_imports_every_runtime_file_directly():
+    """transformers 4.x copies only the entry file's own relative imports with remote code (issue 17): the
+    modelling file must import every runtime file itself, and the card states the minimum version."""
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    from hf_embcomp.cards import render_card
+    from hf_embcomp.hub_code.modeling_embcomp import MIN_TRANSFORMERS_VERSION
+
+    folder = Path(hf_embcomp.__file__).parent / "hub_code"
+    runtime = {p.stem for p in folder.glob("*.py") if p.stem not in ("__init__", "modeling_embcomp")}
+    assert runtime <= set(get_relative_imports(str(folder / "modeling_embcomp.py")))
+    comp = hf_embcomp.compress(tiny_model("bert"), "svd", 4)
+    assert f"transformers >= {MIN_TRANSFORMERS_VERSION}" in render_card(comp.config, comp.compression_report)

@@ -24,16 +24,34 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return (b << _BIT_SHIFTS.to(b.device)).sum(-1, dtype=torch.uint8)
 
 
+def is_exporting() -> bool:
+    """Whether the module is being traced by ``torch.onnx.export``, ``torch.export`` or ``torch.compile``.
+
+    The runtime then skips what a graph cannot hold: the data-dependent token-id range check (an exported graph
+    has no IndexError; out-of-range ids are the caller's responsibility, as for a stock ``Gather``), the caches
+    keyed on tensor identity, and the size-dependent choice of a tied-logits algorithm (the graph always takes the
+    shape-independent one). Results are the same either way.
+    """
+    compiler = getattr(torch, "compiler", None)
+    return bool(
+        torch.onnx.is_in_onnx_export()
+        or (compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
+        or (compiler is not None and getattr(compiler, "is_exporting", lambda: False)())
+    )
+
+
 _UNPACK_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def _unpack_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The 256 x 8 table byte -> its bits (MSB first) in ``dtype`` on ``device``, built once."""
+    """The 256 x 8 table byte -> its bits (MSB first) in ``dtype`` on ``device``, built once (not cached while
+    exporting: a traced tensor must not outlive its trace)."""
     table = _UNPACK_TABLES.get((dtype, device))
     if table is None:
-        byte = torch.arange(256, dtype=torch.uint8).unsqueeze(-1)
-        table = ((byte >> _BIT_SHIFTS) & 1).to(device=device, dtype=dtype)
-        _UNPACK_TABLES[(dtype, device)] = table
+        rows = [[(byte >> (7 - j)) & 1 for j in range(8)] for byte in range(256)]  # Python ints: a graph constant
+        table = torch.tensor(rows, dtype=dtype, device=device)
+        if not is_exporting():
+            _UNPACK_TABLES[(dtype, device)] = table
     return table
 
 
@@ -183,11 +201,12 @@ class CompressedEmbedding(nn.Module):
             logits_from: float [..., d] hidden states; returns float [..., V] logits ``hidden @ E_hat.T``.
 
         Raises:
-            IndexError: a token id is negative or >= V.
+            IndexError: a token id is negative or >= V (eager mode; not checked in an exported or compiled graph,
+                see :func:`is_exporting`).
         """
         if logits_from is not None:
             return self.compute_logits(logits_from.to(self.device))
-        if input_ids.numel():
+        if input_ids.numel() and not is_exporting():
             lo, hi = (int(v) for v in torch.aminmax(input_ids))
             if lo < 0 or hi >= self.num_embeddings:
                 raise IndexError(

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .embcomp_base import CompressedEmbedding, unpack_bits
+from .embcomp_base import CompressedEmbedding, is_exporting, unpack_bits
 
 
 def code_weights(bits: int) -> torch.Tensor:
@@ -53,6 +53,9 @@ class CompositionalCodeEmbedding(CompressedEmbedding):
     def unpack_codes(self, packed: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         """uint8 [..., nbytes] -> codes [..., M] in [0, K) of ``dtype`` (uint8 arithmetic: K <= 256)."""
         m, bits = self.codebooks.shape[0], int(self.hparams["bits"])
+        if is_exporting():  # ONNX has no uint8 shifts: weigh the bits by their place values in int32 (same codes)
+            b = unpack_bits(packed, m * bits, torch.int32).reshape(*packed.shape[:-1], m, bits)
+            return (b * code_weights(bits).to(device=b.device, dtype=torch.int32)).sum(-1).to(dtype)
         b = unpack_bits(packed, m * bits, torch.uint8).reshape(*packed.shape[:-1], m, bits)
         return (b << _code_shifts(bits).to(b.device)).sum(-1, dtype=torch.uint8).to(dtype)
 
@@ -70,7 +73,7 @@ class CompositionalCodeEmbedding(CompressedEmbedding):
         # from byte tables when bits divides 8. Many rows: that is slower than
         # rebuilding E_hat chunk by chunk (O(V * M * d) once) and a matmul; the V x d matrix is never built.
         hidden = hidden.to(self.codebooks.dtype)
-        if hidden[..., 0].numel() > self.logits_table_rows:
+        if hidden[..., 0].numel() > self.logits_table_rows or is_exporting():
             V = self.num_embeddings
             ids = torch.arange(V, device=self.codes.device)
             return torch.cat([hidden @ self.embed(ids[i : i + self.logits_chunk]).T

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .embcomp_base import CompressedEmbedding, unpack_bits
+from .embcomp_base import CompressedEmbedding, is_exporting, unpack_bits
 
 
 _HADAMARD: dict[tuple[int, torch.dtype, Any], torch.Tensor] = {}
@@ -32,7 +32,9 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device: Any = No
         h = torch.ones(1, 1, dtype=torch.float64)
         while h.shape[0] < n:
             h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        h = _HADAMARD[key] = (h / math.sqrt(n)).to(dtype=dtype, device=device)
+        h = (h / math.sqrt(n)).to(dtype=dtype, device=device)
+        if not is_exporting():  # a traced tensor must not outlive its trace
+            _HADAMARD[key] = h
     return h
 
 
@@ -40,8 +42,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """uint8 [..., ceil(count*bits/8)] (a big-endian bit stream of ``bits``-bit codes) -> int32 [..., count]."""
     if 8 % bits == 0:  # whole codes in a byte: shift them out
         per = 8 // bits
+        # (byte >> shift) & mask, written as a floor division and a remainder (ONNX has no int32 shifts)
         shifts = torch.arange(8 - bits, -1, -bits, device=packed.device, dtype=torch.int32)
-        vals = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        vals = torch.div(packed.to(torch.int32).unsqueeze(-1), 2**shifts, rounding_mode="floor") % (1 << bits)
         return vals.flatten(-2)[..., :count]
     stream = unpack_bits(packed, count * bits, torch.int32).unflatten(-1, (count, bits))
     weights = 1 << torch.arange(bits - 1, -1, -1, device=packed.device, dtype=torch.int32)
@@ -59,8 +62,9 @@ class GroupQuantEmbedding(CompressedEmbedding):
     ``rotation_block`` (B, a power of 2 dividing d; 0: no rotation).
 
     Tied output heads: ``hidden . e_v = (hidden R) . e'_v``, so the hidden states are rotated once and each tier
-    is decoded in chunks of :attr:`logits_chunk` rows and multiplied. Runtime caches (not saved): the position of
-    every row in its tier and the row ids of each tier, int64 [V] in all (8 V bytes).
+    is decoded in chunks of :attr:`logits_chunk` rows and multiplied (the tier-ordered logits are then gathered into
+    vocabulary order). Runtime caches (not saved): the position of every row in its tier and in the tier-ordered
+    concatenation, int64 [V] each (16 V bytes).
     """
 
     method = "gptq"
@@ -110,23 +114,36 @@ class GroupQuantEmbedding(CompressedEmbedding):
             init.zeros_(getattr(self, f"codes_b{b}"))
 
     # --- indexing ------------------------------------------------------------------------------
-    def _index(self) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """(position of each row in its tier int64 [V], {bits: row ids of that tier int64 [n_b]})."""
+    def _index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(position of each row in its tier, position of each row in the tiers concatenated in ``bits``
+        order), both int64 [V]. Cached on ``row_bits`` in eager mode; built in the graph when exporting."""
         rb = self.row_bits
+        if is_exporting():
+            return self._build_index(rb, check=False)
         key = (rb.data_ptr(), rb._version, rb.device)
         if self._index_key != key:
-            pos = torch.zeros(self.num_embeddings, dtype=torch.int64, device=rb.device)
-            ids = {}
-            for b, n in self.tiers:
-                rows = torch.nonzero(rb == b).flatten()
-                if rows.numel() != n:
-                    raise ValueError(f"row_bits has {rows.numel()} rows of {b} bits, the config says {n}: the "
-                                     "checkpoint does not match its config.json.")
-                pos[rows] = torch.arange(n, device=rb.device)
-                ids[b] = rows
-            self._index_cache = (pos, ids)
+            self._index_cache = self._build_index(rb, check=True)
             self._index_key = key
         return self._index_cache
+
+    def _build_index(self, rb: torch.Tensor, check: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cumulative sums over the tier masks (no ``nonzero``: exportable).
+
+        Raises:
+            ValueError: (``check``) a tier has another number of rows than the config says.
+        """
+        pos = torch.zeros(self.num_embeddings, dtype=torch.int64, device=rb.device)
+        start = torch.zeros_like(pos)
+        offset = 0
+        for b, n in self.tiers:
+            hit = rb == b
+            if check and int(hit.sum()) != n:
+                raise ValueError(f"row_bits has {int(hit.sum())} rows of {b} bits, the config says {n}: the "
+                                 "checkpoint does not match its config.json.")
+            pos = torch.where(hit, torch.cumsum(hit, 0) - 1, pos)
+            start = torch.where(hit, torch.full_like(pos, offset), start)
+            offset += n
+        return pos, start + pos
 
     # --- decoding ------------------------------------------------------------------------------
     def _signs(self, dtype: torch.dtype) -> torch.Tensor:
@@ -163,6 +180,10 @@ class GroupQuantEmbedding(CompressedEmbedding):
         tiers = self.tiers
         if len(tiers) == 1:
             out = self._decode(tiers[0][0], p)
+        elif is_exporting():  # every tier decodes every id (clamped into range) and a select keeps the right one
+            out = torch.zeros(flat.shape[0], self.embedding_dim, dtype=self.dtype, device=flat.device)
+            for b, n in tiers:
+                out = torch.where((bits_of == b).unsqueeze(-1), self._decode(b, p.clamp_max(n - 1)).to(out.dtype), out)
         else:
             out = torch.zeros(flat.numel(), self.embedding_dim, dtype=self.dtype, device=flat.device)
             for b, _ in tiers:
@@ -172,18 +193,13 @@ class GroupQuantEmbedding(CompressedEmbedding):
         return self.unrotate(out).reshape(*input_ids.shape, self.embedding_dim)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        _, ids = self._index()
+        _, order = self._index()
         hr = self.rotate(hidden.to(self.dtype))
-        logits = hr.new_zeros(*hr.shape[:-1], self.num_embeddings)
-        for b, n in self.tiers:
-            for i in range(0, n, self.logits_chunk):
-                part = hr @ self._decode(b, slice(i, i + self.logits_chunk)).T
-                logits = logits.index_copy(-1, ids[b][i : i + self.logits_chunk], part)
-        return logits
+        parts = [hr @ self._decode(b, slice(i, i + self.logits_chunk)).T
+                 for b, n in self.tiers for i in range(0, n, self.logits_chunk)]
+        return torch.cat(parts, dim=-1).index_select(-1, order)  # tier order -> vocabulary order
 
     def reconstruct(self) -> torch.Tensor:
-        _, ids = self._index()
-        out = torch.zeros(self.num_embeddings, self.embedding_dim, dtype=self.dtype, device=self.row_bits.device)
-        for b, _ in self.tiers:
-            out = out.index_copy(0, ids[b], self._decode(b, slice(None)).to(out.dtype))
+        _, order = self._index()
+        out = torch.cat([self._decode(b, slice(None)).to(self.dtype) for b, _ in self.tiers]).index_select(0, order)
         return self.unrotate(out)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .embcomp_base import CompressedEmbedding, _unpack_table, unpack_bits
+from .embcomp_base import CompressedEmbedding, _unpack_table, is_exporting, unpack_bits
 
 
 class LightTokenEmbedding(CompressedEmbedding):
@@ -103,11 +103,19 @@ class LightTokenEmbedding(CompressedEmbedding):
         if self.rank > 0:
             out = out + F.embedding(input_ids, self.lowrank_p, self.padding_idx) @ self.lowrank_q.T
         if self.num_exact > 0:
-            ids = self.exact_ids.to(input_ids.dtype)
-            pos = torch.searchsorted(ids, input_ids).clamp_max(self.num_exact - 1)
-            hit = ids[pos] == input_ids
-            out = torch.where(hit.unsqueeze(-1), F.embedding(pos, self.exact_rows).to(out.dtype), out)
+            pos = self._exact_slots(input_ids.device)[input_ids]  # -1: not an exact row
+            hit = pos >= 0
+            out = torch.where(hit.unsqueeze(-1), F.embedding(pos.clamp_min(0), self.exact_rows).to(out.dtype), out)
         return out
+
+    def _exact_slots(self, device: torch.device) -> torch.Tensor:
+        """int64 [V]: the index in ``exact_ids`` of every token id, -1 for ids that are not exact rows.
+
+        A scatter of the n ids, rebuilt at each call (V int64 writes): unlike a binary search it exports to
+        ONNX, and it does not need the ids sorted."""
+        slots = torch.full((self.num_embeddings,), -1, dtype=torch.int64, device=device)
+        ids = self.exact_ids.to(device=device, dtype=torch.int64)
+        return slots.scatter(0, ids, torch.arange(self.num_exact, dtype=torch.int64, device=device))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.decoder
@@ -117,7 +125,7 @@ class LightTokenEmbedding(CompressedEmbedding):
         hw = hidden @ w  # [..., M]
         hq = hidden @ self.lowrank_q if self.rank > 0 else None  # [..., k]
         hc = hidden @ self.decoder_bias  # [...]
-        few = self.logits_byte_tables and hw[..., 0].numel() <= self.logits_table_rows
+        few = self.logits_byte_tables and hw[..., 0].numel() <= self.logits_table_rows and not is_exporting()
         lut = self._byte_tables(hw) if few else None
         parts = []
         for i in range(0, self.num_embeddings, self.logits_chunk):

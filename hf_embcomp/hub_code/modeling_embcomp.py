@@ -33,6 +33,20 @@ from transformers.generation import GenerationMixin
 from .configuration_embcomp import EmbCompConfig
 from .embcomp_layers import CompressedEmbedding, EmbCompTiedLogits, build_compressed_embedding
 
+# Every runtime file is imported here directly, not only through embcomp_layers: transformers before 5.x (e.g.
+# 4.57, which optimum-onnx pins) copies only the relative imports of the entry file itself into its module
+# cache, so a file imported only by a sibling would be missing there (FileNotFoundError ... embcomp_base.py).
+from .embcomp_base import is_exporting  # noqa: E402,F401
+from .embcomp_dccl import CompositionalCodeEmbedding  # noqa: E402,F401
+from .embcomp_direction import DirectionEmbedding  # noqa: E402,F401
+from .embcomp_distilled import DistilledEmbedding  # noqa: E402,F401
+from .embcomp_gptq import GroupQuantEmbedding  # noqa: E402,F401
+from .embcomp_lighttoken import LightTokenEmbedding  # noqa: E402,F401
+from .embcomp_svd import LowRankEmbedding  # noqa: E402,F401
+
+MIN_TRANSFORMERS_VERSION = "5.20"
+"""The oldest transformers this runtime supports (it relies on the v5 tie and init API); the model card states it."""
+
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
 

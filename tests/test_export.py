@@ -1,0 +1,162 @@
+"""Issue 17, ONNX export: every method exports with torch.onnx, the graph keeps the embedding compressed (codes as
+integer initializers, no dense V x d tensor) and onnxruntime matches torch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import hf_embcomp
+from hf_embcomp.export import FOLD_LIMIT, ExportError, export_model_onnx, export_onnx, initializer_summary, ort_outputs, sample_inputs
+from hf_embcomp.hub_code.embcomp_base import is_exporting
+from tests.support.tiny import V, tiny_model
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+METHODS = ["svd", "lighttoken", "direction", "distilled", "dccl", "gptq"]
+_EXTRA = {"lighttoken": {"token_counts": torch.arange(V).flip(0)}, "gptq": {"calibration": None},
+          "dccl": {"calibration": None}}
+
+
+def _compress(model, method):
+    return hf_embcomp.compress(model, method, 8, **_EXTRA.get(method, {})).eval()
+
+
+def _initializers(path):
+    return {i.name: i for i in onnx.load(str(path)).graph.initializer}
+
+
+def _check_compressed_graph(path, comp):
+    """No initializer as big as the dense matrix; every integer tensor of the embedding is an integer initializer."""
+    d = comp.get_compressed_embedding().embedding_dim
+    inits = _initializers(path)
+    biggest = max(int(np.prod(i.dims)) for i in inits.values())
+    assert biggest < V * d / 2, biggest
+    emb = comp.get_compressed_embedding()
+    for name, buf in emb.named_buffers(recurse=False):
+        if not buf.is_floating_point() and buf.numel() > FOLD_LIMIT:  # small ones may be folded into constants
+            hits = [i for n, i in inits.items() if n.endswith(f"embed_tokens.{name}")]
+            assert hits, f"{name} is not an initializer of the graph"
+            assert onnx.helper.tensor_dtype_to_np_dtype(hits[0].data_type) == buf.numpy().dtype
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_causal_lm_exports_compressed_and_matches_torch(tmp_path, method):
+    comp = _compress(tiny_model("llama"), method)
+    path = tmp_path / "model.onnx"
+    names = export_model_onnx(comp, path, "text-generation")
+    assert names == ["input_ids", "attention_mask"]
+    _check_compressed_graph(path, comp)
+    # another batch / length than the traced example: the axes are dynamic
+    inputs = sample_inputs(names, V, batch=3, seq=13, seed=1)
+    with torch.no_grad():
+        ref = comp(**inputs, use_cache=False).logits.numpy()
+    got = ort_outputs(path, {k: v.numpy() for k, v in inputs.items()})
+    assert got.shape == ref.shape
+    assert float(np.abs(got - ref).max()) < 1e-4
+    assert not is_exporting()  # nothing leaks out of the trace
+
+
+def test_stock_export_is_bigger(tmp_path):
+    stock = tiny_model("llama")
+    comp = _compress(stock, "svd")
+    export_model_onnx(stock, tmp_path / "stock.onnx", "text-generation")
+    export_model_onnx(comp, tmp_path / "comp.onnx", "text-generation")
+    size = {k: sum(v["bytes"] for v in initializer_summary(tmp_path / f"{k}.onnx").values()) for k in ("stock", "comp")}
+    assert size["comp"] < 0.6 * size["stock"], size
+
+
+@pytest.mark.parametrize("method", ["lighttoken", "gptq"])
+def test_encoder_cli_export_folder(tmp_path, method, capsys):
+    from hf_embcomp.cli import main
+
+    torch.manual_seed(0)
+    stock = transformers.BertForSequenceClassification(tiny_model("bert").config).eval()
+    comp = _compress(stock, method)
+    hf_embcomp.save_compressed(comp, tmp_path / "m")
+    assert main(["export", "onnx", str(tmp_path / "m"), str(tmp_path / "onnx")]) == 0
+    assert "max abs diff to torch" in capsys.readouterr().out
+    out = tmp_path / "onnx"
+    rep = json.loads((out / "export_report.json").read_text())
+    assert rep["task"] == "text-classification" and rep["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert rep["ort_max_abs_diff"] < 1e-4
+    assert "uint8" in rep["initializers"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "bert" and cfg["embedding_compression"]["method"] == method
+    assert (out / "compression_report.json").is_file()
+    # the feature-extraction graph of the same folder
+    assert main(["export", "onnx", str(tmp_path / "m"), str(tmp_path / "fe"), "--task", "feature-extraction"]) == 0
+    fe = transformers.AutoModel.from_pretrained(tmp_path / "m", trust_remote_code=True).eval()
+    inputs = sample_inputs(["input_ids", "attention_mask", "token_type_ids"], V, batch=2, seq=9, seed=3)
+    with torch.no_grad():
+        ref = fe(**inputs).last_hidden_state.numpy()
+    got = ort_outputs(tmp_path / "fe" / "model.onnx", {k: v.numpy() for k, v in inputs.items()})
+    assert float(np.abs(got - ref).max()) < 1e-4
+
+
+def test_export_errors(tmp_path):
+    from hf_embcomp.cli import main
+
+    stock = tiny_model("bert")
+    stock.save_pretrained(tmp_path / "stock")
+    assert main(["export", "onnx", str(tmp_path / "stock"), str(tmp_path / "o")]) == 2
+    comp = _compress(tiny_model("bert"), "svd")
+    hf_embcomp.save_compressed(comp, tmp_path / "m")
+    with pytest.raises(ExportError, match="unknown task 'translation'; choose one of"):
+        export_onnx(tmp_path / "m", tmp_path / "o", task="translation")
+    assert not (tmp_path / "o").exists()
+
+
+def test_eager_range_check_and_exact_rows_lookup():
+    comp = _compress(tiny_model("llama"), "lighttoken")
+    emb = comp.get_compressed_embedding()
+    assert emb.num_exact > 0
+    with pytest.raises(IndexError, match="out of range"):
+        emb(torch.tensor([[0, V]]))
+    ids = torch.arange(V)
+    exact = emb.exact_ids.long()
+    full = emb(ids)
+    assert torch.equal(full[exact], emb.exact_rows.to(full.dtype))  # the exact rows come back verbatim
+    assert torch.allclose(emb.reconstruct(), full)
+
+
+SENTENCES = [
+    "A man is playing a guitar.",
+    "The new movie is awesome, and the soundtrack is even better than the trailer suggested.",
+    "Stocks fell.",
+    "A woman is slicing an onion in the kitchen while the radio plays an old song about the sea.",
+    "How do I reset my password?",
+    "Compressed embeddings keep the model small enough for a phone.",
+    "Two dogs run across the snowy field, chasing a red ball that keeps bouncing away from them.",
+    "Yes.",
+]
+
+
+@pytest.mark.slow
+def test_minilm_lighttoken_25x_onnx(tmp_path, minilm_path):
+    """Issue 17 acceptance: MiniLM lighttoken 25x, ONNX file <= 1.05x model.safetensors, onnxruntime within 1e-4 of
+    torch on 8 real sentences of mixed lengths (one padded batch), tokenizer files in the export folder."""
+    from hf_embcomp.body import state_dict_bytes
+    from hf_embcomp.io import load_model
+
+    src = load_model(minilm_path)
+    comp = hf_embcomp.compress(src.model, "lighttoken", 25, tokenizer=src.tokenizer, source_folder=str(minilm_path))
+    hf_embcomp.save_compressed(comp, tmp_path / "m")
+    rep = export_onnx(tmp_path / "m", tmp_path / "onnx")
+    size = (tmp_path / "onnx" / "model.onnx").stat().st_size
+    assert size <= 1.05 * rep["safetensors_bytes"], (size, rep["safetensors_bytes"])
+    assert size < 0.6 * state_dict_bytes(src.model)  # the stock fp32 model: 90.9 MB
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "onnx")
+    enc = tok(SENTENCES, padding=True, return_tensors="np")
+    got = ort_outputs(tmp_path / "onnx" / "model.onnx", dict(enc))
+    model = transformers.AutoModel.from_pretrained(tmp_path / "m", trust_remote_code=True).eval()
+    with torch.no_grad():
+        ref = model(**tok(SENTENCES, padding=True, return_tensors="pt")).last_hidden_state.numpy()
+    assert float(np.abs(got - ref).max()) < 1e-4
+    assert (tmp_path / "onnx" / "modules.json").is_file()  # sentence-transformers files came along
