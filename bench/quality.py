@@ -369,9 +369,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch / faiss threads (default: torch's)")
     ap.add_argument("--recover-minutes", type=float, default=None,
                     help="also a recovered row per method (hf-embcomp recover, this many minutes of training each)")
+    ap.add_argument("--recover-ratios", default=None, help="comma list: recover only at these ratios (default: all)")
     ap.add_argument("--recover-lora", type=int, default=0, help="LoRA rank of the recovery (default 0: embedding only)")
     ap.add_argument("--recover-steps", type=int, default=2000, help="step budget (schedule length) of the recovery")
     ap.add_argument("--recover-lr", type=float, default=None, help="relative step size of the embedding (CLI default)")
+    ap.add_argument("--recover-lora-lr", type=float, default=None, help="LoRA learning rate (CLI default)")
     ap.add_argument("--out", type=Path, default=common.RESULTS / "quality.json")
     ap.add_argument("--resume", action="store_true", help="keep rows of --out that are ok/skipped, run the rest")
     args = ap.parse_args(argv)
@@ -407,8 +409,10 @@ def main(argv: list[str] | None = None) -> dict:
     recovery = None
     if args.recover_minutes:
         recovery = {"max_seconds": 60 * args.recover_minutes, "max_steps": args.recover_steps,
-                    "lora_rank": args.recover_lora} | ({"lr": args.recover_lr} if args.recover_lr else {})
+                    "lora_rank": args.recover_lora} | ({"lr": args.recover_lr} if args.recover_lr else {}) \
+            | ({"lora_lr": args.recover_lora_lr} if args.recover_lora_lr else {})
         payload["recovery"] = recovery
+    rec_ratios = None if not args.recover_ratios else {float(x) for x in args.recover_ratios.split(",")}
 
     def add(row: dict) -> None:
         payload["rows"] = [r for r in payload["rows"]
@@ -442,8 +446,9 @@ def main(argv: list[str] | None = None) -> dict:
             for method in methods:
                 if (model_key, method, ratio) in done:
                     continue
+                rec_here = recovery if recovery and (rec_ratios is None or ratio in rec_ratios) else None
                 for row in run_ours(ev, E, method, ratio, model_key, quick_overrides(method) if quick else None,
-                                    recovery=recovery):
+                                    recovery=rec_here):
                     add(row)
             for peer in peer_names:
                 if peers_mod.PEERS[peer][0] != "ratio" or any(

@@ -102,6 +102,13 @@ def quality_section(q: dict, link: str, source: str = "quality.json", title: str
         out.append("")
         out.append(f"Cells: {down.replace('_', ' ')} ({'change vs uncompressed, ' if down == 'perplexity' else ''}actual ratio). Scalar quantisers have a fixed ratio and sit in the "
                    "nearest column.")
+        rec = [r for r in rows if r["status"] == "ok" and r.get("recovery")]
+        if rec:
+            st_ = rec[0]["recovery"].get("settings", {})
+            out.append(f"`<method>+recover` rows: the post-training model of the row above it after `hf-embcomp recover` "
+                       f"(knowledge distillation from the uncompressed model, at most {_f(st_.get('max_seconds', 0) / 60, 0)} "
+                       f"minutes / {st_.get('max_steps')} steps, LoRA rank {st_.get('lora_rank', 0)}; stored bytes unchanged; "
+                       "recovery time in the details).")
         if base.get("stsb_spearman") is not None:
             body2 = []
             for n in order:
@@ -120,9 +127,9 @@ def quality_section(q: dict, link: str, source: str = "quality.json", title: str
             det.append([r["method"], r["kind"], _f(r.get("ratio_requested"), 0) if r.get("ratio_requested") else "fixed",
                         f"{r['ratio']:.2f}", _f(r.get("row_cosine_mean"), 4), _f(r.get("row_cosine_p01"), 4),
                         _f(r.get("relative_frobenius_error"), 4), _f(r.get(down), 4 if down != "perplexity" else 2),
-                        _f(r.get("fit_seconds"), 1), f"{r.get('stored_bytes'):,}"])
+                        _f(r.get("fit_seconds"), 1), _f(r.get("recovery_seconds"), 0), f"{r.get('stored_bytes'):,}"])
         out.append(md_table(["method", "kind", "requested", "ratio", "row cos", "row cos p01", "rel. Frobenius",
-                             down.replace("_", " "), "fit s", "stored bytes"], det))
+                             down.replace("_", " "), "fit s", "recovery s", "stored bytes"], det))
         bad = [r for r in rows if r["status"] != "ok"]
         if bad:
             out += ["", "Not measured: " + "; ".join(

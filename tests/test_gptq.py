@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 import hf_embcomp
 from hf_embcomp.calibration import Calibration, CalibrationError, calibration_text, collect
-from hf_embcomp.methods.gptq import (GPTQConfig, allocate_bits, dequantise, gptq_rows, pack_codes, rotation_matrix)
+from hf_embcomp.methods.gptq import (GPTQConfig, allocate_bits, dequantise, gptq_rows, h_error, pack_codes, refine_rows,
+                                     refit_scales, rotation_matrix)
 from hf_embcomp.hub_code.embcomp_gptq import unpack_codes
 
 from support.tiny import tiny_model
@@ -166,3 +167,27 @@ def test_auto_keeps_the_better_of_two_candidates(monkeypatch, tmp_path):
 def test_auto_refuses_method_hyperparameters():
     with pytest.raises(ValueError, match="belong to one method"):
         hf_embcomp.compress(tiny_model("llama"), "auto", 4.0, tokenizer=WordTokenizer(), rank=3)
+
+
+def test_refit_is_the_least_squares_optimum_and_refine_never_worsens_a_row():
+    g = torch.Generator().manual_seed(3)
+    n, d, gs = 64, 32, 8
+    x = torch.randn(n, d, generator=g)
+    A = torch.randn(d, d, generator=g)
+    H = (A @ A.T / d + 0.1 * torch.eye(d)).float()
+    hinv_u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H.double())), upper=True).float()
+    colw = torch.diagonal(H)
+    Q, S, M = gptq_rows(x, hinv_u, 2, gs, colw, "float32")
+    S2, M2 = refit_scales(x, Q, H, gs, "float32")
+    e0, e1 = h_error(x, dequantise(Q, S, M, gs), H), h_error(x, dequantise(Q, S2, M2, gs), H)
+    assert (e1 <= e0 * (1 + 1e-5)).all() and e1.sum() < 0.99 * e0.sum()
+    # row 0 by hand: the normal equations of x ~ A theta under H
+    gid = torch.arange(d) // gs
+    Arow = torch.cat([Q[0].float()[:, None] * torch.nn.functional.one_hot(gid).float(),
+                      torch.nn.functional.one_hot(gid).float()], 1).double()
+    theta = torch.linalg.solve(Arow.T @ H.double() @ Arow, Arow.T @ H.double() @ x[0].double())
+    assert torch.allclose(torch.cat([S2[0], M2[0]]).double(), theta, atol=1e-4)
+    Qr, Sr, Mr = refine_rows(x, hinv_u, H, 2, gs, colw, "float32", rounds=1)
+    er = h_error(x, dequantise(Qr, Sr, Mr, gs), H)
+    assert (er <= e0 * (1 + 1e-5)).all() and er.sum() <= e1.sum() * (1 + 1e-5)
+    assert Qr.min() >= 0 and Qr.max() <= 3
