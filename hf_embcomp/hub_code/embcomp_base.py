@@ -66,6 +66,30 @@ def unpack_bits(packed: torch.Tensor, num_bits: int, dtype: torch.dtype = torch.
     return bits if bits.shape[-1] == num_bits else bits[..., :num_bits].contiguous()
 
 
+def bag_weight(tables: torch.Tensor) -> torch.Tensor:
+    """Byte tables float [N, nbytes, 256] -> the ``embedding_bag`` weight [nbytes * 256, N], row-major with unit
+    column stride (``.T.contiguous()`` keeps stride N for N = 1, which sends ``embedding_bag`` to its slow path)."""
+    n = tables.shape[0]
+    return tables.reshape(n, -1).T.reshape(-1).view(-1, n)
+
+
+def byte_index(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [n, nbytes] -> int32 [n, nbytes]: code byte + 256 * its position in the row, the
+    ``embedding_bag`` input that reads row j * 256 + byte of a [nbytes * 256, N] byte table (4 bytes per code byte)."""
+    pos = torch.arange(codes.shape[-1], dtype=torch.int32, device=codes.device) * 256
+    return codes.to(torch.int32) + pos
+
+
+def tensor_cache(store: dict, name: str, source: torch.Tensor, build: Any) -> Any:
+    """``build()``, cached in ``store[name]`` until ``source`` changes (its storage, version or device)."""
+    key = (source.data_ptr(), source._version, source.device)
+    hit = store.get(name)
+    if hit is None or hit[0] != key:
+        hit = (key, build())
+        store[name] = hit
+    return hit[1]
+
+
 def _cast_to_storage(module: "CompressedEmbedding", state_dict: dict, prefix: str, local_metadata: Any) -> None:
     # Floating tensors are written in the storage dtype of the compression block, whatever the in-memory
     # dtype, so that a re-saved (or fine-tuned) model keeps the stored bytes it was compressed to.

@@ -15,9 +15,10 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .embcomp_base import CompressedEmbedding, is_exporting, unpack_bits
+from .embcomp_base import CompressedEmbedding, _unpack_table, bag_weight, byte_index, is_exporting, tensor_cache, unpack_bits
 
 
 _HADAMARD: dict[tuple[int, torch.dtype, Any], torch.Tensor] = {}
@@ -38,17 +39,64 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device: Any = No
     return h
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """uint8 [..., ceil(count*bits/8)] (a big-endian bit stream of ``bits``-bit codes) -> int32 [..., count]."""
-    if 8 % bits == 0:  # whole codes in a byte: shift them out
+_CODE_TABLES: dict[tuple[int, torch.dtype, Any], torch.Tensor] = {}
+
+
+def _code_table(bits: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """[256, 8 // bits]: the ``bits``-bit codes held in each byte value (first code in the high bits), in ``dtype``
+    (exact: codes are small integers). Built from Python ints (a graph constant when traced), cached in eager mode."""
+    key = (bits, dtype, str(device))
+    table = _CODE_TABLES.get(key)
+    if table is None:
+        per, mask = 8 // bits, (1 << bits) - 1
+        rows = [[(byte >> (8 - bits * (j + 1))) & mask for j in range(per)] for byte in range(256)]
+        table = torch.tensor(rows, dtype=dtype, device=device)
+        if not is_exporting():
+            _CODE_TABLES[key] = table
+    return table
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, count: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """uint8 [..., ceil(count*bits/8)] (a big-endian bit stream of ``bits``-bit codes) -> ``dtype`` [..., count].
+
+    Whole codes in a byte (1, 2, 4, 8 bits): one ``index_select`` of a 256-entry table (byte -> its codes, already
+    in ``dtype``); other widths: the bit stream weighted by place values.
+    """
+    if 8 % bits == 0:
         per = 8 // bits
-        # (byte >> shift) & mask, written as a floor division and a remainder (ONNX has no int32 shifts)
-        shifts = torch.arange(8 - bits, -1, -bits, device=packed.device, dtype=torch.int32)
-        vals = torch.div(packed.to(torch.int32).unsqueeze(-1), 2**shifts, rounding_mode="floor") % (1 << bits)
-        return vals.flatten(-2)[..., :count]
+        vals = _code_table(bits, dtype, packed.device).index_select(0, packed.reshape(-1).to(torch.int32))
+        vals = vals.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+        return vals if vals.shape[-1] == count else vals[..., :count]
+    if dtype.is_floating_point and not is_exporting():  # every ``bits`` bytes hold 8 codes: one fused table sum
+        nb = packed.shape[-1]
+        words = F.pad(packed, (0, -nb % bits)).reshape(-1, bits).to(torch.int32)
+        words = words + torch.arange(0, 256 * bits, 256, dtype=torch.int32, device=packed.device)
+        vals = F.embedding_bag(words, _word_table(bits, packed.device), mode="sum").to(dtype)  # [n * nb / bits, 8]
+        return vals.reshape(*packed.shape[:-1], -1)[..., :count]
     stream = unpack_bits(packed, count * bits, torch.int32).unflatten(-1, (count, bits))
     weights = 1 << torch.arange(bits - 1, -1, -1, device=packed.device, dtype=torch.int32)
-    return (stream * weights).sum(-1)
+    return (stream * weights).sum(-1).to(dtype)
+
+
+def _word_table(bits: int, device: Any) -> torch.Tensor:
+    """float32 [bits * 256, 8]: row k * 256 + c holds what byte value c at byte k of a ``bits``-byte word adds to
+    each of the word's 8 codes (its bits times their place values); summing the rows of a word's bytes gives its
+    codes exactly. Cached in eager mode."""
+    key = (-bits, torch.float32, str(device))
+    table = _CODE_TABLES.get(key)
+    if table is None:
+        rows = []
+        for k in range(bits):
+            for c in range(256):
+                row = [0] * 8
+                for j in range(8):  # stream bit 8k + j (MSB first) is bit (bits - 1 - p % bits) of code p // bits
+                    if (c >> (7 - j)) & 1:
+                        p = 8 * k + j
+                        row[p // bits] += 1 << (bits - 1 - p % bits)
+                rows.append(row)
+        table = torch.tensor(rows, dtype=torch.float32, device=device)
+        _CODE_TABLES[key] = table
+    return table
 
 
 class GroupQuantEmbedding(CompressedEmbedding):
@@ -68,7 +116,11 @@ class GroupQuantEmbedding(CompressedEmbedding):
     """
 
     method = "gptq"
-    logits_chunk = 8192
+    logits_chunk = 2048
+    logits_table_rows = 4
+    """Tied logits of at most this many hidden rows read byte tables for the tiers that allow them (0: never)."""
+    logits_table_bits = 8
+    """Widest tier read through byte tables (their index cache is bits / 8 of the tier's dense fp32 bytes)."""
 
     @property
     def tiers(self) -> list[tuple[int, int]]:
@@ -102,6 +154,7 @@ class GroupQuantEmbedding(CompressedEmbedding):
             setattr(self, f"scales_b{b}", nn.Parameter(torch.empty(n, G)))
             setattr(self, f"mins_b{b}", nn.Parameter(torch.empty(n, G)))
         self._index_key: Any = None
+        self._bag_cache: dict[int, Any] = {}
 
     def reset_parameters(self, init: Any = None) -> None:
         init = init or nn.init
@@ -163,14 +216,20 @@ class GroupQuantEmbedding(CompressedEmbedding):
         """x' [..., d] -> x' R^T (back to the embedding's basis)."""
         return self._hadamard(x) * self._signs(x.dtype) if self.rotation_block else x
 
-    def _decode(self, bits: int, rows: torch.Tensor | slice) -> torch.Tensor:
-        """Rotated rows ``rows`` of tier ``bits`` -> float [n, d]."""
-        d, g = self.embedding_dim, self.group_size
+    def _decode(self, bits: int, rows: torch.Tensor | slice, padded: bool = False) -> torch.Tensor:
+        """Rotated rows ``rows`` of tier ``bits`` -> float [n, d] (``padded``: [n, G * group_size], the padding
+        coordinates of the last group hold its min; a tied head multiplies them by zeros)."""
+        d, g, G = self.embedding_dim, self.group_size, self.num_groups
         scales, mins = getattr(self, f"scales_b{bits}")[rows], getattr(self, f"mins_b{bits}")[rows]
-        q = unpack_codes(getattr(self, f"codes_b{bits}")[rows], bits, d).to(scales.dtype)
-        q = q.unflatten(-1, (-1, g)) if d % g == 0 else torch.nn.functional.pad(q, (0, self.num_groups * g - d)).unflatten(-1, (-1, g))
-        out = (q * scales.unsqueeze(-1) + mins.unsqueeze(-1)).flatten(-2)
-        return out[..., :d]
+        codes = getattr(self, f"codes_b{bits}")[rows]
+        pad = G * g - d
+        if pad and (pad * bits) % 8 == 0 and (d * bits) % 8 == 0:  # zero code bytes for the padding: no float pad
+            q = unpack_codes(F.pad(codes, (0, pad * bits // 8)), bits, G * g, scales.dtype)
+        else:
+            q = unpack_codes(codes, bits, d, scales.dtype)
+            q = F.pad(q, (0, pad)) if pad else q
+        out = torch.addcmul(mins.unsqueeze(-1), q.unflatten(-1, (G, g)), scales.unsqueeze(-1)).flatten(-2)
+        return out if padded else out[..., :d]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         pos, _ = self._index()
@@ -194,10 +253,61 @@ class GroupQuantEmbedding(CompressedEmbedding):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         _, order = self._index()
-        hr = self.rotate(hidden.to(self.dtype))
-        parts = [hr @ self._decode(b, slice(i, i + self.logits_chunk)).T
-                 for b, n in self.tiers for i in range(0, n, self.logits_chunk)]
-        return torch.cat(parts, dim=-1).index_select(-1, order)  # tier order -> vocabulary order
+        d, g, G = self.embedding_dim, self.group_size, self.num_groups
+        hr = self.rotate(hidden.to(self.dtype)).reshape(-1, d)  # [N, d]
+        hp = F.pad(hr, (0, G * g - d))  # [N, G*g]: zeros against the padding coordinates of _decode(padded=True)
+        few = hr.shape[0] <= self.logits_table_rows and not is_exporting()
+        parts = []
+        for b, n in self.tiers:
+            if few and self._table_ok(b):
+                parts.append(self._logits_tables(b, hp).to(hr.dtype))
+            else:
+                parts += [hp @ self._decode(b, slice(i, i + self.logits_chunk), padded=True).T
+                          for i in range(0, n, self.logits_chunk)]
+        logits = torch.cat(parts, dim=-1).index_select(-1, order)  # tier order -> vocabulary order
+        return logits.reshape(*hidden.shape[:-1], self.num_embeddings)
+
+    # --- byte tables (tied logits of a few hidden rows) ----------------------------------------------
+    def _table_ok(self, bits: int) -> bool:
+        """Whether tier ``bits`` takes byte tables: at most :attr:`logits_table_bits` bits, and no byte holds bits
+        of two groups."""
+        return bits <= self.logits_table_bits and (self.group_size * bits) % 8 == 0 and (self.embedding_dim * bits) % 8 == 0
+
+    def _logits_tables(self, bits: int, hp: torch.Tensor) -> torch.Tensor:
+        """Tier ``bits`` logits of hp (float [N, G*g], rotated, zero-padded) -> float32 [N, n_b] from byte tables.
+
+        q_vg . h_g (q the codes of row v in group g) is the sum over the code bytes of group g of
+        table_j[byte], table_j[c] = sum over the bits set in byte value c of (place value) * h[coordinate of the
+        bit]; one ``embedding_bag`` per tier sums them per (row, group). Then logits_v = sum_g s_vg (q_vg . h_g) +
+        m_vg sum(h_g): exact, d * bits / 8 table reads a row instead of d multiply-adds.
+        """
+        d, g, G = self.embedding_dim, self.group_size, self.num_groups
+        idx, offsets = self._bag_index(bits)
+        h = hp.float()
+        nbytes = getattr(self, f"codes_b{bits}").shape[1]
+        place = 2.0 ** torch.arange(bits - 1, -1, -1, dtype=torch.float32, device=h.device)
+        w = (h[:, :d].unsqueeze(-1) * place).flatten(-2)  # [N, d*bits]: the weight of every bit of the code stream
+        tables = w.unflatten(-1, (nbytes, 8)) @ _unpack_table(torch.float32, h.device).T  # [N, nbytes, 256]
+        dots = F.embedding_bag(idx, bag_weight(tables), offsets, mode="sum")  # [n_b * G, N]
+        scales = getattr(self, f"scales_b{bits}").float()
+        mins = getattr(self, f"mins_b{bits}").float()
+        out = (dots.unflatten(0, (-1, G)) * scales.unsqueeze(-1)).sum(1)  # [n_b, N]
+        return (out + mins @ h.unflatten(-1, (G, g)).sum(-1).T).T
+
+    def _bag_index(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``embedding_bag`` input of tier ``bits``: int32 [n_b * nbytes] (code byte + 256 * its position in the
+        row) and the int32 [n_b * G] bag offsets (one bag a row and group). Built on first use and cached on the codes
+        tensor: 4 bytes per code byte plus 4 per row and group, i.e. bits / 8 of the tier's dense fp32 bytes (SmolLM2
+        49152 x 576: 16 MB at 25x (1-2 bits), 1/7 of the 113 MB dense fp32 matrix; 57 MB at 8x (3-4 bits))."""
+        codes = getattr(self, f"codes_b{bits}")
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            n, nbytes = codes.shape
+            starts = torch.arange(self.num_groups, dtype=torch.int32, device=codes.device) * (self.group_size * bits // 8)
+            rows = torch.arange(n, dtype=torch.int32, device=codes.device) * nbytes
+            return byte_index(codes).reshape(-1), (rows.unsqueeze(-1) + starts).reshape(-1)
+
+        return tensor_cache(self._bag_cache, f"b{bits}", codes, build)
 
     def reconstruct(self) -> torch.Tensor:
         _, order = self._index()

@@ -1,0 +1,117 @@
+"""Issue 16: the fast runtime paths (byte tables read by ``embedding_bag``, table unpacking of the codes) give the
+same tied logits, lookups and reconstructions as reference paths written here from the stored format. Timing is in
+bench/speed.py, not here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_embcomp.hub_code.embcomp_base import unpack_bits
+from hf_embcomp.hub_code.embcomp_gptq import hadamard_matrix, unpack_codes
+from hf_embcomp.hub_code.embcomp_layers import build_compressed_embedding
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Equal up to float32 rounding: max error <= 1e-6 of the largest magnitude."""
+    got, ref = got.double(), ref.double()
+    return float((got - ref).abs().max()) <= 1e-6 * float(ref.abs().max()) + 1e-7
+
+
+def _random(block: dict, seed: int = 0):
+    emb = build_compressed_embedding(block)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(emb.named_parameters(recurse=False)) + list(emb.named_buffers(recurse=False)):
+            if t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+            elif name.startswith("codes"):
+                t.copy_(torch.randint(0, 256, t.shape, generator=g, dtype=torch.uint8))
+    return emb.eval()
+
+
+def _gptq(V: int = 300, d: int = 96, bits=(1, 2, 3, 4, 5, 8), rows=(60, 50, 50, 40, 50, 50), group=64):
+    block = {"method": "gptq", "num_embeddings": V, "embedding_dim": d, "padding_idx": None, "embed_scale": None,
+             "storage_dtype": "float32", "hyperparameters": {"bits": list(bits), "tier_rows": list(rows),
+                                                             "group_size": group, "rotation_block": 32}}
+    emb = _random(block)
+    rb = torch.cat([torch.full((n,), b, dtype=torch.uint8) for b, n in zip(bits, rows)])
+    with torch.no_grad():
+        emb.row_bits.copy_(rb[torch.randperm(V, generator=torch.Generator().manual_seed(1))])
+        emb.rotation_signs.copy_(torch.randint(0, 256, emb.rotation_signs.shape, dtype=torch.uint8))
+    return emb
+
+
+def _gptq_reference(emb) -> torch.Tensor:
+    """float64 [V, d] from the stored format: bit stream -> codes -> q * scale + min per group -> x' R^T."""
+    d, g = emb.embedding_dim, emb.group_size
+    tiers = []
+    for b, n in emb.tiers:
+        stream = unpack_bits(getattr(emb, f"codes_b{b}"), d * b, torch.int64).view(n, d, b)
+        q = (stream * (2 ** torch.arange(b - 1, -1, -1))).sum(-1).double()
+        s = getattr(emb, f"scales_b{b}").double().repeat_interleave(g, 1)[:, :d]
+        m = getattr(emb, f"mins_b{b}").double().repeat_interleave(g, 1)[:, :d]
+        tiers.append(q * s + m)
+    x = torch.cat(tiers)[emb._index()[1]]
+    B = emb.rotation_block
+    signs = 1 - 2 * unpack_bits(emb.rotation_signs, d, torch.float64)
+    return (x.view(-1, d // B, B) @ hadamard_matrix(B, torch.float64)).view(-1, d) * signs
+
+
+def test_unpack_codes_float_paths_match_the_integer_path():
+    g = torch.Generator().manual_seed(0)
+    for bits in range(1, 9):
+        packed = torch.randint(0, 256, (7, (37 * bits + 7) // 8), generator=g, dtype=torch.uint8)
+        ref = unpack_codes(packed, bits, 37)  # int32
+        stream = unpack_bits(packed, 37 * bits, torch.int64).view(7, 37, bits)
+        assert torch.equal(ref.long(), (stream * (2 ** torch.arange(bits - 1, -1, -1))).sum(-1)), bits
+        assert torch.equal(unpack_codes(packed, bits, 37, torch.float32), ref.float()), bits
+
+
+@pytest.mark.parametrize("group", [64, 48])  # 48: the last group of 96 is full; 64: it is half empty (padding)
+def test_gptq_tables_and_decode_match_the_reference(group):
+    emb = _gptq(group=group)
+    E = _gptq_reference(emb)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n in (1, 3, 4, 5, 40):  # <= 4 rows: byte tables; more: decoded chunks
+            h = torch.randn(2, n, emb.embedding_dim, generator=g)
+            got = emb(logits_from=h)
+            assert got.shape == (2, n, emb.num_embeddings)
+            assert _close(got.double(), h.double() @ E.T), n
+        emb.logits_table_rows = 0  # the decode path at one row gives the same logits as the tables
+        h = torch.randn(1, emb.embedding_dim, generator=g)
+        ref = emb.compute_logits(h)
+        del emb.logits_table_rows
+        assert _close(emb.compute_logits(h), ref)
+        ids = torch.randint(0, emb.num_embeddings, (3, 11), generator=g)
+        assert _close(emb(ids).double(), E[ids])
+        assert _close(emb.reconstruct().double(), E)
+
+
+def test_gptq_table_cache_follows_the_codes():
+    emb = _gptq()
+    h = torch.randn(1, emb.embedding_dim)
+    with torch.no_grad():
+        emb.compute_logits(h)  # builds the byte index
+        emb.codes_b1.copy_(torch.randint(0, 256, emb.codes_b1.shape, dtype=torch.uint8))
+        assert _close(emb.compute_logits(h).double(), h.double() @ _gptq_reference(emb).T)
+
+
+def test_lighttoken_tables_match_unpacked_codes():
+    V, d = 500, 48
+    block = {"method": "lighttoken", "num_embeddings": V, "embedding_dim": d, "padding_idx": None,
+             "embed_scale": None, "storage_dtype": "float32",
+             "hyperparameters": {"rank": 4, "bits": [37, 30], "stages": 2, "exact_rows": 5}}
+    emb = _random(block)
+    with torch.no_grad():
+        emb.exact_ids.copy_(torch.tensor([0, 7, 99, 250, 499], dtype=torch.int32))
+        E = emb.reconstruct().double()
+        for n in (1, 4):
+            h = torch.randn(n, d)
+            fast = emb.compute_logits(h)
+            emb.logits_byte_tables = False
+            slow = emb.compute_logits(h)
+            del emb.logits_byte_tables
+            assert _close(fast, slow)
+            assert _close(fast.double(), h.double() @ E.T)
