@@ -115,3 +115,24 @@ def test_lighttoken_tables_match_unpacked_codes():
             del emb.logits_byte_tables
             assert _close(fast, slow)
             assert _close(fast.double(), h.double() @ E.T)
+
+
+@pytest.mark.parametrize("method", ["lighttoken", "gptq"])
+def test_compiles_fullgraph_and_keeps_the_eager_range_check(method):
+    """torch.compile(fullgraph=True) traces the compressed runtime (no data-dependent guard: the id range check is
+    skipped while compiling) and gives the eager logits; eager still raises a clear IndexError."""
+    import hf_embcomp
+    from tests.support.tiny import V, tiny_model
+
+    extra = {"lighttoken": {"token_counts": torch.arange(V).flip(0)}, "gptq": {"calibration": None}}[method]
+    comp = hf_embcomp.compress(tiny_model("llama"), method, 8, **extra).eval()
+    ids = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    compiled = torch.compile(comp, fullgraph=True, backend="eager")  # tracing is what is tested; eager keeps it short
+    with torch.no_grad():
+        ref = comp(input_ids=ids, use_cache=False).logits
+        got = compiled(input_ids=ids, use_cache=False).logits
+        assert _close(got, ref)
+        with pytest.raises(IndexError, match="out of range"):
+            comp(input_ids=torch.tensor([[1, V]]))
+    torch._dynamo.reset()
