@@ -207,6 +207,10 @@ def distill(
             optimizers = (torch.optim.AdamW(param_groups, lr=lr, weight_decay=0.0), None)
         trainer = KDTrainer(model=student, args=args, train_dataset=dataset, callbacks=[TimeBudget()],
                             optimizers=optimizers)
+        if quiet:  # without tqdm, Trainer prints every log dict instead
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)
         trainer.train()
     student.eval()
     history = [h for h in trainer.state.log_history if "loss" in h]
