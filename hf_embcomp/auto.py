@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -111,19 +112,23 @@ class Probe:
         return a < b if self.causal else a > b
 
 
-def compress_auto(model: PreTrainedModel, ratio: float | None, *, tokenizer: Any = None, calibration: Any = "default",
-                  token_counts: torch.Tensor | None = None, **kwargs: Any) -> PreTrainedModel:
+def compress_auto(model: PreTrainedModel, ratio: float | None, *, compress_one: Callable[..., PreTrainedModel],
+                  tokenizer: Any = None, calibration: Any = "default", token_counts: torch.Tensor | None = None,
+                  **kwargs: Any) -> PreTrainedModel:
     """:func:`hf_embcomp.compress` with the best candidate method (module docstring).
 
     Args:
         model, ratio, tokenizer, calibration, token_counts, **kwargs: as for :func:`hf_embcomp.compress`
             (hyper-parameter overrides in ``kwargs`` are not accepted: they belong to one method).
+        compress_one: compresses with one method, ``compress_one(model, method, ratio, **kwargs)``
+            (:func:`hf_embcomp.compress`, which hands ``method="auto"`` here: passed in, not imported).
 
     Raises:
         ValueError: no ratio, hyper-parameter overrides, or no tokenizer (the probe needs text).
         RatioError: no candidate reaches the ratio.
     """
-    from .core import compress, refresh_report, resolve_calibration
+    from .calibration import resolve_calibration
+    from .io import refresh_report
     from .methods.base import RatioError, check_ratio
 
     given = sorted(k for k in kwargs if k in _method_fields() and kwargs[k] is not None)
@@ -144,8 +149,8 @@ def compress_auto(model: PreTrainedModel, ratio: float | None, *, tokenizer: Any
     for method, hp in candidates(ratio):
         t = time.perf_counter()
         try:
-            cand = compress(model, method, ratio, tokenizer=tokenizer, calibration=cal,
-                            token_counts=cal.token_counts, **kwargs, **hp)
+            cand = compress_one(model, method, ratio, tokenizer=tokenizer, calibration=cal,
+                                token_counts=cal.token_counts, **kwargs, **hp)
         except RatioError as e:
             rows.append({"method": method, "hyperparameters": hp, "status": "skipped", "reason": str(e)})
             continue

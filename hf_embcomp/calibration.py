@@ -213,3 +213,38 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, text_file: str | Path | No
         sigma, gain, run = collect(model, ids, bos_id=needs_bos(tokenizer) if causal else None, quiet=quiet)
     return Calibration(counts, sigma, gain, run, desc + f", {int(counts.sum()):,} tokens counted",
                        None if text_file is None else str(text_file))
+
+
+def resolve_calibration(model: torch.nn.Module, tokenizer: Any, calibration: Any,
+                        token_counts: torch.Tensor | None = None) -> Calibration | None:
+    """The :class:`Calibration` that ``calibration=`` of :func:`hf_embcomp.compress` asks for.
+
+    Returns None for ``calibration=None`` and for ``"default"`` without a tokenizer or without the default
+    text installed (the fit then weighs every row and coordinate alike). Caller ``token_counts`` replace the
+    counted ones.
+
+    Raises:
+        hf_embcomp.calibration.CalibrationError: a file that cannot be used.
+        ValueError: ``calibration`` is none of the accepted kinds.
+    """
+    if calibration is None or isinstance(calibration, Calibration):
+        cal = calibration
+    elif isinstance(calibration, (str, Path)):
+        default = str(calibration) == "default"
+        if tokenizer is None:
+            if not default:
+                raise ValueError("calibration needs the tokenizer: pass tokenizer= (or calibration=None).")
+            cal = None
+        else:
+            try:
+                cal = calibrate(model, tokenizer, None if default else calibration)
+            except CalibrationError:
+                if not default:
+                    raise
+                logger.warning("no default calibration text (install hf-embcomp[eval]); fitting without calibration")
+                cal = None
+    else:
+        raise ValueError(f"calibration must be a Calibration, a text file, 'default' or None (got {type(calibration).__name__}).")
+    if cal is not None and token_counts is not None:
+        cal = dataclasses.replace(cal, token_counts=token_counts)
+    return cal

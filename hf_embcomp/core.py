@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from transformers import PreTrainedModel
 
 from .body import model_size_report, resolve_body_dtype
+from .calibration import resolve_calibration
 from .hub_code.configuration_embcomp import FORMAT_VERSION, EmbCompConfig
 from .hub_code.embcomp_base import CompressedEmbedding
 from .hub_code.modeling_embcomp import ENTRY_AUTO_CLASSES, ENTRY_CLASSES, auto_map_for, stock_class_for
 from .methods import get_method
-from .methods.base import MethodConfig
+from .methods.base import CompressionMethod, MethodConfig
 
 logger = logging.getLogger(__name__)
 
@@ -193,38 +193,141 @@ def compress(
     if method == "auto":
         from .auto import compress_auto
 
-        return compress_auto(model, ratio, source=source, source_revision=source_revision, source_dtype=source_dtype,
-                             source_embedding_bytes=source_embedding_bytes, device=device, tokenizer=tokenizer,
-                             source_folder=source_folder, token_counts=token_counts, corpus=corpus,
+        return compress_auto(model, ratio, compress_one=compress, source=source, source_revision=source_revision,
+                             source_dtype=source_dtype, source_embedding_bytes=source_embedding_bytes, device=device,
+                             tokenizer=tokenizer, source_folder=source_folder, token_counts=token_counts, corpus=corpus,
                              calibration=calibration, body_dtype=body_dtype, **hyperparameters)
-    weight = embedding_weight(model)
-    V, d = weight.shape
-    if source is None:  # where load_model loaded the model from
+    plan = validate(model, method, ratio, config, hyperparameters, tokenizer=tokenizer, corpus=corpus,
+                    source=SourceInfo(source, source_revision, source_dtype, source_embedding_bytes),
+                    body_dtype=body_dtype)
+    fitted = fit(model, plan, device=device, tokenizer=tokenizer, token_counts=token_counts, corpus=corpus,
+                 calibration=calibration)
+    new = build_skeleton(model, plan, fitted)
+    load_state(new, model, plan, fitted)
+    return finish(new, model, plan, fitted, tokenizer=tokenizer, source_folder=source_folder)
+
+
+# --- the lifecycle of compress, in the order it runs (as transformers' quantizers: validate the environment,
+# --- replace modules on the meta skeleton, load the weights, post-process) ----------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceInfo:
+    """Where the source model came from, as recorded in the ``embedding_compression`` block (None: unknown)."""
+
+    name: str | None = None
+    revision: str | None = None
+    dtype: str | None = None
+    """dtype name of the source checkpoint's embedding (e.g. ``"float16"``, ``"Q8_0"``)."""
+    embedding_bytes: int | None = None
+    """bytes of the embedding in the source checkpoint (for the ratio vs source)."""
+
+    def or_carried(self, model: PreTrainedModel) -> SourceInfo:
+        """Without a name: the fields not given taken from what :func:`hf_embcomp.load_model` recorded on
+        ``model`` (:data:`hf_embcomp.io.SOURCE_ATTRIBUTE`); with a name, unchanged."""
+        if self.name is not None:
+            return self
         from .io import SOURCE_ATTRIBUTE
 
         carried = getattr(model, SOURCE_ATTRIBUTE, None) or {}
-        source = carried.get("name")
-        source_revision = source_revision if source_revision is not None else carried.get("revision")
-        source_dtype = source_dtype or carried.get("dtype")
-        source_embedding_bytes = source_embedding_bytes or carried.get("embedding_bytes")
-    meth = get_method(method)
-    cfg = config if config is not None else method_config(method, V, d, ratio, **hyperparameters)
-    if not isinstance(cfg, meth.config_class):
-        raise ValueError(f"config must be a {meth.config_class.__name__} for method {method!r}.")
-    auto = auto_class_of(model)
-    old = model.get_input_embeddings()
-    model_dtype = resolve_body_dtype(model, body_dtype)
+        return SourceInfo(carried.get("name"),
+                          self.revision if self.revision is not None else carried.get("revision"),
+                          self.dtype or carried.get("dtype"),
+                          self.embedding_bytes or carried.get("embedding_bytes"))
 
-    torch.manual_seed(cfg.seed)
-    fit_device = torch.device(device) if device is not None else old.weight.device
-    t0 = time.perf_counter()
-    logger.info("fitting %s on a %d x %d embedding (%s)", method, V, d, cfg)
-    context: dict[str, Any] = {}
-    counts_source = None
-    if corpus is not None and (tokenizer is None or not meth.uses_token_counts):
+
+@dataclasses.dataclass(frozen=True)
+class CompressionPlan:
+    """What :func:`validate` settled before any fitting: the method, its hyper-parameters and the source."""
+
+    method: str
+    spec: CompressionMethod
+    config: MethodConfig
+    weight: torch.Tensor
+    """E, float32 [V, d] (a copy of the source's input embedding)."""
+    auto_class: str
+    """The Auto class that builds the source model (its head), e.g. ``"AutoModelForCausalLM"``."""
+    source: SourceInfo
+    body_dtype: torch.dtype
+    """dtype of every weight of the compressed model but its compressed embedding."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(V, d)."""
+        return tuple(self.weight.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    """What :func:`fit` produced: the runtime module's tensors and what the fit used."""
+
+    state: dict[str, torch.Tensor]
+    """Tensors in the runtime module's layout (name -> tensor)."""
+    config: MethodConfig
+    """The config the fit settled (a method may fill in sizes)."""
+    seconds: float
+    """Wall time of token counting, calibration and the fit itself."""
+    counts_source: str | None = None
+    """Where the token frequencies came from (methods with ``uses_token_counts``)."""
+    calibration: Any = None
+    """The :class:`~hf_embcomp.calibration.Calibration` used (methods with ``uses_calibration``), or None."""
+
+
+def validate(model: PreTrainedModel, method: str, ratio: float | None, config: MethodConfig | None,
+             hyperparameters: dict[str, Any], *, tokenizer: Any = None, corpus: str | None = None,
+             source: SourceInfo = SourceInfo(), body_dtype: str | torch.dtype | None = "auto") -> CompressionPlan:
+    """Step 1: check that ``model`` can be compressed with ``method`` as asked, before any fitting.
+
+    Args:
+        model, method, ratio, config, tokenizer, corpus: as for :func:`compress`.
+        hyperparameters: the method config overrides (``rank=``, ``dtype=`` ...), used without ``config``.
+        source: the source as given; the fields missing are taken from the model (:meth:`SourceInfo.or_carried`).
+        body_dtype: as for :func:`compress` (:func:`hf_embcomp.body.resolve_body_dtype`).
+
+    Raises:
+        CompressionError: already compressed, not an nn.Embedding input embedding, or no Auto class builds it.
+        ValueError / RatioError: unknown method, bad hyper-parameters, unreachable ratio, or ``corpus`` that
+            cannot be used.
+    """
+    weight = embedding_weight(model)
+    V, d = weight.shape
+    source = source.or_carried(model)
+    spec = get_method(method)
+    cfg = config if config is not None else method_config(method, V, d, ratio, **hyperparameters)
+    if not isinstance(cfg, spec.config_class):
+        raise ValueError(f"config must be a {spec.config_class.__name__} for method {method!r}.")
+    auto = auto_class_of(model)
+    if corpus is not None and (tokenizer is None or not spec.uses_token_counts):
         raise ValueError("corpus= needs a tokenizer and a method that uses token frequencies (lighttoken); "
                          "pass tokenizer= or leave corpus out.")
-    if meth.uses_token_counts:
+    return CompressionPlan(method, spec, cfg, weight, auto, source, resolve_body_dtype(model, body_dtype))
+
+
+def fit(model: PreTrainedModel, plan: CompressionPlan, *, device: str | torch.device | None = None,
+        tokenizer: Any = None, token_counts: torch.Tensor | None = None, corpus: str | None = None,
+        calibration: Any = "default") -> FitResult:
+    """Step 2: gather what the method needs (token frequencies, calibration statistics) and fit it on E.
+
+    Seeds torch with the config's ``seed`` first, so that the same arguments give the same tensors.
+
+    Args:
+        model: the source model (run on the calibration text by calibrated methods).
+        plan: from :func:`validate`.
+        device, tokenizer, token_counts, corpus, calibration: as for :func:`compress`.
+
+    Raises:
+        ValueError: ``token_counts`` of the wrong shape.
+        hf_embcomp.calibration.CalibrationError: the calibration file cannot be used.
+    """
+    spec, cfg = plan.spec, plan.config
+    V, d = plan.shape
+    torch.manual_seed(cfg.seed)
+    fit_device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
+    t0 = time.perf_counter()
+    logger.info("fitting %s on a %d x %d embedding (%s)", plan.method, V, d, cfg)
+    context: dict[str, Any] = {}
+    counts_source = None
+    if spec.uses_token_counts:
         special = [int(i) for i in getattr(tokenizer, "all_special_ids", None) or [] if 0 <= int(i) < V]
         if token_counts is None and tokenizer is not None and getattr(cfg, "exact_rows", 0):
             from .frequency import corpus_token_counts
@@ -238,18 +341,24 @@ def compress(
             raise ValueError(f"token_counts must have shape ({V},), got {tuple(token_counts.shape)}.")
         context = {"token_counts": token_counts, "special_ids": special}
     cal = None
-    if meth.uses_calibration:
+    if spec.uses_calibration:
         cal = resolve_calibration(model, tokenizer, calibration, token_counts)
         context["calibration"] = cal
-    state, cfg = meth.fit_with_config(weight.to(fit_device), cfg, **context)
-    stored = cfg.stored_bytes(V, d)
-    fit_seconds = time.perf_counter() - t0
+    state, cfg = spec.fit_with_config(plan.weight.to(fit_device), cfg, **context)
+    return FitResult(state, cfg, time.perf_counter() - t0, counts_source, cal)
 
-    src_dtype = source_dtype or str(old.weight.dtype).replace("torch.", "")
-    src_bytes = source_embedding_bytes or V * d * old.weight.element_size()
+
+def compression_block(model: PreTrainedModel, plan: CompressionPlan, fitted: FitResult) -> dict[str, Any]:
+    """The ``embedding_compression`` block of the compressed config: format, method, hyper-parameters, the
+    measured ratio (vs fp32 and vs the source's dtype) and the source."""
+    old = model.get_input_embeddings()
+    V, d = plan.shape
+    cfg = fitted.config
+    stored = cfg.stored_bytes(V, d)
+    src_bytes = plan.source.embedding_bytes or V * d * old.weight.element_size()
     block: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
-        "method": method,
+        "method": plan.method,
         "num_embeddings": V,
         "embedding_dim": d,
         "padding_idx": old.padding_idx,
@@ -259,68 +368,123 @@ def compress(
         "stored_bytes": stored,
         "compression_ratio": V * d * 4 / stored,
         "compression_ratio_vs_source": src_bytes / stored,
-        "source_dtype": src_dtype,
-        "source_model": source or getattr(model.config, "_name_or_path", None) or None,
-        "source_revision": source_revision,
+        "source_dtype": plan.source.dtype or str(old.weight.dtype).replace("torch.", ""),
+        "source_model": plan.source.name or getattr(model.config, "_name_or_path", None) or None,
+        "source_revision": plan.source.revision,
     }
-    if meth.uses_calibration:
-        block["calibration"] = None if cal is None else cal.describe()
-    ecfg = EmbCompConfig.from_backbone_config(model.config, block)
-    ecfg.auto_map = auto_map_for(ecfg.backbone_model_type)
-    ecfg.architectures = [next(n for n, a in ENTRY_AUTO_CLASSES.items() if a == auto)]
-    entry = ENTRY_CLASSES[ecfg.architectures[0]]
-    new = entry(ecfg)
+    if plan.spec.uses_calibration:
+        block["calibration"] = None if fitted.calibration is None else fitted.calibration.describe()
+    return block
 
-    src_state = model.state_dict()
-    keep = {k: v for k, v in src_state.items() if k not in new._embcomp_removed_keys}
-    missing, unexpected = new.load_state_dict(keep, strict=False)
+
+def build_skeleton(model: PreTrainedModel, plan: CompressionPlan, fitted: FitResult) -> PreTrainedModel:
+    """Step 3: the compressed model's skeleton on the meta device (no memory, no initialisation): the
+    hf-embcomp entry class for the source's head, with its config (the backbone's fields plus the
+    ``embedding_compression`` block of :func:`compression_block`) and the compressed embedding swapped in."""
+    ecfg = EmbCompConfig.from_backbone_config(model.config, compression_block(model, plan, fitted))
+    ecfg.auto_map = auto_map_for(ecfg.backbone_model_type)
+    ecfg.architectures = [next(n for n, a in ENTRY_AUTO_CLASSES.items() if a == plan.auto_class)]
+    with torch.device("meta"):
+        return ENTRY_CLASSES[ecfg.architectures[0]](ecfg)
+
+
+def _assign(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in place of the parameter or buffer ``name`` (dotted) of ``module``, keeping a
+    parameter's ``requires_grad``."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=owner._parameters[leaf].requires_grad)
+    else:
+        owner._buffers[leaf] = tensor
+
+
+def load_state(new: PreTrainedModel, model: PreTrainedModel, plan: CompressionPlan, fitted: FitResult) -> None:
+    """Step 4: fill the meta skeleton ``new`` with copies of the source's own weights and buffers (never
+    shared with ``model``) and the fitted tensors of the compressed embedding, then move it to the source's
+    device, the body dtype of the plan, the source's training mode, and tie its weights.
+
+    Raises:
+        CompressionError: a stock weight does not carry over, or the fitted tensors do not match the runtime
+            module's layout (names, shapes) - a bug of the method.
+    """
+    method = plan.method
+    keep = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in new._embcomp_removed_keys}
+    missing, unexpected = new.load_state_dict(keep, strict=False, assign=True)
     emb: CompressedEmbedding = new.get_compressed_embedding()
     emb_prefixes = tuple(f"{n}." for n in new._embcomp_embedding_names)
     bad = [k for k in missing if not k.startswith(emb_prefixes)]
     if bad or unexpected:
         raise CompressionError(f"could not carry the stock weights over: missing {bad}, unexpected {unexpected}")
-    with torch.no_grad():
-        own = dict(emb.named_parameters(recurse=False)) | dict(emb.named_buffers(recurse=False))
-        if set(own) != set(state):
-            raise CompressionError(f"method {method} produced tensors {sorted(state)}, the runtime expects {sorted(own)}")
-        for k, t in state.items():
-            if own[k].shape != t.shape:
-                raise CompressionError(f"method {method} produced {k} of shape {tuple(t.shape)}, expected {tuple(own[k].shape)}")
-            own[k].copy_(t.to(own[k].dtype) if t.is_floating_point() else t)
-    new.to(device=old.weight.device, dtype=model_dtype)
+    own = dict(emb.named_parameters(recurse=False)) | dict(emb.named_buffers(recurse=False))
+    if set(own) != set(fitted.state):
+        raise CompressionError(f"method {method} produced tensors {sorted(fitted.state)}, the runtime expects {sorted(own)}")
+    for k, t in fitted.state.items():
+        if own[k].shape != t.shape:
+            raise CompressionError(f"method {method} produced {k} of shape {tuple(t.shape)}, expected {tuple(own[k].shape)}")
+        _assign(emb, k, t.detach().to(own[k].dtype, copy=True))
+    # non-persistent buffers (position ids, rotary frequencies) are in no state dict: the source's, copied
+    src_buffers = dict(model.named_buffers(remove_duplicate=False))
+    for name, buf in list(new.named_buffers(remove_duplicate=False)):
+        if buf.is_meta and name in src_buffers:
+            _assign(new, name, src_buffers[name].detach().clone())
+    left = [n for n, t in [*new.named_parameters(), *new.named_buffers()] if t.is_meta]
+    left += [f"{n}.{a}" for n, m in new.named_modules() for a, v in vars(m).items()
+             if isinstance(v, torch.Tensor) and v.is_meta and a not in ("_parameters", "_buffers")]
+    if left:
+        raise CompressionError(f"no values for {left} of the compressed model: a bug, please report it.")
+    old = model.get_input_embeddings()
+    new.to(device=old.weight.device, dtype=plan.body_dtype)
     new.train(model.training)
     new.tie_weights()
 
+
+def finish(new: PreTrainedModel, model: PreTrainedModel, plan: CompressionPlan, fitted: FitResult, *,
+           tokenizer: Any = None, source_folder: str | None = None) -> PreTrainedModel:
+    """Step 5: check the stored bytes against the method's account, measure the fidelity, write the report
+    (``new.compression_report``) and attach what ``save_pretrained`` adds: tokenizer and sentence-transformers
+    files of the source, ``compression_report.json``, the model card, the runtime code. Returns ``new``.
+
+    Raises:
+        CompressionError: the stored tensors' bytes differ from the method's account (a bug of the method).
+    """
+    method, spec, cfg = plan.method, plan.spec, fitted.config
+    V, d = plan.shape
+    block = new.config.embedding_compression
+    emb: CompressedEmbedding = new.get_compressed_embedding()
+    stored = block["stored_bytes"]
     actual = sum(t.numel() * t.element_size() for t in _stored_tensors(emb))
     if actual != stored:
         raise CompressionError(f"method {method} accounted {stored} bytes but stores {actual}: a bug, please report it.")
     with torch.no_grad():
-        fid = fidelity(weight, emb.reconstruct().float().cpu())
-    new.compression_report = {
+        fid = fidelity(plan.weight, emb.reconstruct().float().cpu())
+    src_bytes = plan.source.embedding_bytes or V * d * model.get_input_embeddings().weight.element_size()
+    report: dict[str, Any] = {
         "method": method,
-        "paper": meth.paper,
+        "paper": spec.paper,
         "hyperparameters": cfg.hyperparameters(),
         "num_embeddings": V,
         "embedding_dim": d,
         "source_model": block["source_model"],
-        "source_dtype": src_dtype,
+        "source_dtype": block["source_dtype"],
         "fp32_bytes": V * d * 4,
         "source_bytes": src_bytes,
         "stored_bytes": stored,
         "compression_ratio": block["compression_ratio"],
         "compression_ratio_vs_source": block["compression_ratio_vs_source"],
-        "fit_seconds": round(fit_seconds, 3),
+        "fit_seconds": round(fitted.seconds, 3),
         "fidelity": fid,
     } | model_size_report(model, new)
-    if meth.uses_token_counts:
-        new.compression_report["token_counts_source"] = counts_source
-    if meth.uses_calibration:
-        new.compression_report["calibration"] = block["calibration"]
-        notes = getattr(meth, "fit_notes", None)
+    if spec.uses_token_counts:
+        report["token_counts_source"] = fitted.counts_source
+    if spec.uses_calibration:
+        report["calibration"] = block["calibration"]
+        notes = getattr(spec, "fit_notes", None)
         if notes:
-            new.compression_report["fit_notes"] = notes
-    from .cards import has_tokenizer_files, render_card, source_license
-    from .io import attach_side_files, prepare_for_save, side_files
+            report["fit_notes"] = notes
+    new.compression_report = report
+    from .cards import has_tokenizer_files, source_license
+    from .io import attach_side_files, prepare_for_save, refresh_report, side_files
 
     files = side_files(Path(source_folder) if source_folder else None, tokenizer)
     new._embcomp_card_args = {"license": source_license(block["source_model"], source_folder),
@@ -331,57 +495,9 @@ def compress(
     return new
 
 
-def refresh_report(model: PreTrainedModel) -> None:
-    """Write ``model.compression_report`` again into the files ``save_pretrained`` adds
-    (``compression_report.json`` and the card), after a change to the report."""
-    from .cards import render_card
-    from .io import attach_side_files
-
-    card = render_card(model.config, model.compression_report, **getattr(model, "_embcomp_card_args", {}))
-    attach_side_files(model, {"compression_report.json": (json.dumps(model.compression_report, indent=2) + "\n").encode(),
-                              "README.md": card.encode()})
-
-
-def resolve_calibration(model: PreTrainedModel, tokenizer: Any, calibration: Any,
-                        token_counts: torch.Tensor | None = None) -> Any:
-    """The :class:`~hf_embcomp.calibration.Calibration` that ``calibration=`` of :func:`compress` asks for.
-
-    Returns None for ``calibration=None`` and for ``"default"`` without a tokenizer or without the default
-    text installed (the fit then weighs every row and coordinate alike). Caller ``token_counts`` replace the
-    counted ones.
-
-    Raises:
-        hf_embcomp.calibration.CalibrationError: a file that cannot be used.
-        ValueError: ``calibration`` is none of the accepted kinds.
-    """
-    from .calibration import Calibration, CalibrationError, calibrate
-
-    if calibration is None or isinstance(calibration, Calibration):
-        cal = calibration
-    elif isinstance(calibration, (str, Path)):
-        default = str(calibration) == "default"
-        if tokenizer is None:
-            if not default:
-                raise ValueError("calibration needs the tokenizer: pass tokenizer= (or calibration=None).")
-            cal = None
-        else:
-            try:
-                cal = calibrate(model, tokenizer, None if default else calibration)
-            except CalibrationError:
-                if not default:
-                    raise
-                logger.warning("no default calibration text (install hf-embcomp[eval]); fitting without calibration")
-                cal = None
-    else:
-        raise ValueError(f"calibration must be a Calibration, a text file, 'default' or None (got {type(calibration).__name__}).")
-    if cal is not None and token_counts is not None:
-        cal = dataclasses.replace(cal, token_counts=token_counts)
-    return cal
-
-
-def _stored_tensors(emb: CompressedEmbedding):
-    for name, t in emb.state_dict().items():
-        yield t
+def _stored_tensors(emb: CompressedEmbedding) -> Iterator[torch.Tensor]:
+    """Every tensor the compressed embedding writes to model.safetensors."""
+    yield from emb.state_dict().values()
 
 
 def decompress(model: PreTrainedModel) -> PreTrainedModel:
@@ -395,18 +511,3 @@ def decompress(model: PreTrainedModel) -> PreTrainedModel:
     if not is_compressed(model) or not hasattr(model, "decompress"):
         raise ValueError("decompress expects a model compressed by hf-embcomp.")
     return model.decompress()
-
-
-def load_class_for(config: transformers.PretrainedConfig) -> type:
-    """The class to load a source checkpoint with: the stock class named by ``config.architectures``
-    (the checkpoint's own head); without one (GGUF files), the LM head the model type has
-    (causal, then masked), else the base model."""
-    for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-    for auto in ("AutoModelForCausalLM", "AutoModelForMaskedLM"):
-        cls = stock_class_for(auto, config.model_type)
-        if cls is not None:
-            return cls
-    return transformers.AutoModel

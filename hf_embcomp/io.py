@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from .core import load_class_for
+from .hub_code.modeling_embcomp import stock_class_for
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +165,21 @@ def load_model(
     return src
 
 
+def load_class_for(config: transformers.PretrainedConfig) -> type:
+    """The class to load a source checkpoint with: the stock class named by ``config.architectures``
+    (the checkpoint's own head); without one (GGUF files), the LM head the model type has
+    (causal, then masked), else the base model."""
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    for auto in ("AutoModelForCausalLM", "AutoModelForMaskedLM"):
+        cls = stock_class_for(auto, config.model_type)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
 def side_files(folder: Path | None, tokenizer: Any = None) -> dict[str, bytes]:
     """Files a compressed repository carries over from its source: tokenizer and sentence-transformers
     files (``modules.json``, ``1_Pooling/``, ...). Weights, ``config.json`` and the card are not carried.
@@ -194,6 +210,16 @@ def attach_side_files(model: PreTrainedModel, files: dict[str, bytes]) -> None:
     current = dict(getattr(model, "_embcomp_extra_files", None) or {})
     current.update(files)
     model._embcomp_extra_files = current
+
+
+def refresh_report(model: PreTrainedModel) -> None:
+    """Write ``model.compression_report`` again into the files ``save_pretrained`` adds
+    (``compression_report.json`` and the card), after a change to the report."""
+    from .cards import render_card
+
+    card = render_card(model.config, model.compression_report, **getattr(model, "_embcomp_card_args", {}))
+    attach_side_files(model, {"compression_report.json": (json.dumps(model.compression_report, indent=2) + "\n").encode(),
+                              "README.md": card.encode()})
 
 
 def prepare_for_save(model: PreTrainedModel) -> None:
@@ -274,9 +300,11 @@ __all__ = [
     "attach_side_files",
     "atomic_output_dir",
     "default_model_path",
+    "load_class_for",
     "load_model",
     "prepare_for_save",
     "read_report",
+    "refresh_report",
     "save_compressed",
     "side_files",
 ]

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .evaluation.results import RESULTS_FILE
+
 if TYPE_CHECKING:  # the imports of the functions below are local: `hf-embcomp --help` imports this module
     from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
     from transformers import PreTrainedModel
@@ -36,7 +38,6 @@ RETRIES = 4
 RETRY_DELAY = 2.0
 """Seconds before the first retry; doubled at each further attempt."""
 _TRANSIENT = frozenset({500, 502, 503, 504})
-_RESULTS_NAME = "eval_results.json"  # what `hf-embcomp evaluate` writes by default
 
 
 class PushError(RuntimeError):
@@ -136,12 +137,12 @@ def plan_push(
                          "compress the model first.")
     report = json.loads(report_path.read_text(encoding="utf-8"))
     files: dict[str, Path | bytes] = dict(_repo_files(root))
-    if results is None and (root / _RESULTS_NAME).is_file():
-        results = root / _RESULTS_NAME
+    if results is None and (root / RESULTS_FILE).is_file():
+        results = root / RESULTS_FILE
     checked = read_results(results) if results is not None else None
     if checked is not None:
         _check_results_match(checked, report)
-        files[_RESULTS_NAME] = (json.dumps(checked, indent=2) + "\n").encode() if isinstance(results, Mapping) \
+        files[RESULTS_FILE] = (json.dumps(checked, indent=2) + "\n").encode() if isinstance(results, Mapping) \
             else Path(results)
     if license is None and (root / "README.md").is_file():
         license = ModelCard.load(root / "README.md").data.get("license")

@@ -7,9 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import UserError
-
-RESULTS_FILE = "eval_results.json"
-"""Default name of the results file, written inside the evaluated model folder."""
+from .results import RESULTS_FILE
 
 
 def _csv(s: str | None) -> tuple[str, ...] | None:

@@ -42,6 +42,9 @@ from typing import Any
 SCHEMA_VERSION = 1
 """Version of the results layout written by this hf-embcomp; readers refuse newer files."""
 
+RESULTS_FILE = "eval_results.json"
+"""Default name of the results file, written inside the evaluated model folder (and read by ``hf-embcomp push``)."""
+
 _TOP = {
     "schema_version": int,
     "model": str,

@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 
 from ..io import Source, save_compressed
 from . import evaluate
-from .cli import RESULTS_FILE
-from .results import load_results, write_results
+from .results import RESULTS_FILE, load_results, write_results
 
 logger = logging.getLogger(__name__)
 
