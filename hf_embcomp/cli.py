@@ -179,7 +179,7 @@ def _compress(args: argparse.Namespace) -> int:
         check_ratio(args.ratio)  # cheap checks before the model is loaded
     if args.corpus is not None and not Path(args.corpus).is_file():
         raise UserError(f"--corpus {args.corpus} is not a file; pass a UTF-8 text file (or leave --corpus out).")
-    steps = _Steps(["load", "fit", "save"], quiet=args.quiet)
+    steps = _Steps(["load", "fit", "save"] + ([] if args.no_check else ["check"]), quiet=args.quiet)
     try:
         src = steps.step("load", lambda: load_model(args.model, gguf_file=args.gguf_file, revision=args.revision))
         ratio = None if hp.get("rank") is not None and args.ratio is None else (args.ratio or 8.0)
@@ -208,6 +208,17 @@ def _compress(args: argparse.Namespace) -> int:
                 model.save_pretrained(tmp)
 
         steps.step("save", _save)
+        if not args.no_check:
+            from hf_embcomp.evaluation.check import REPORT_KEY, quick_check
+            from hf_embcomp.io import update_report
+
+            try:
+                check = steps.step("check", lambda: quick_check(out, device=args.device))
+            except KeyboardInterrupt:
+                print(f"hf-embcomp: check interrupted; the model is written to {out} (its report has no check).",
+                      file=sys.stderr)
+                return 130
+            model.compression_report = update_report(out, **{REPORT_KEY: check})
     finally:
         steps.close()
     rep = model.compression_report
@@ -237,6 +248,10 @@ def _compress(args: argparse.Namespace) -> int:
             lines.insert(3 + i, f"    candidate       {c['method']} {c['status']} {json.dumps(score)}")
     if rep.get("calibration"):
         lines.insert(len(lines) - 2, f"  calibration       {rep['calibration']['source']}")
+    if "check" in rep:
+        from hf_embcomp.evaluation.check import describe
+
+        lines.insert(len(lines) - 2, f"  check             {describe(rep['check'])}")
     print("\n".join(lines))
     return 0
 
@@ -277,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help="output folder (a complete Hub model repository)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars (only the summary, and errors)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the downstream check of the written model (sentence cosine for encoders, perplexity "
+                        "for causal LMs, beside the uncompressed model's: the row `hf-embcomp evaluate --quick` gives)")
     p.set_defaults(func=cmd_compress)
 
     for mod in _COMMAND_MODULES:

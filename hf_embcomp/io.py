@@ -292,6 +292,22 @@ def read_report(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(path) / "compression_report.json").read_text())
 
 
+def update_report(path: str | os.PathLike, **fields: Any) -> dict[str, Any]:
+    """Add ``fields`` to the ``compression_report.json`` of the compressed repository ``path`` (the file is
+    replaced atomically, with the mode it had) and return the new report.
+
+    Raises:
+        FileNotFoundError: ``path`` has no ``compression_report.json``.
+    """
+    file = Path(path) / "compression_report.json"
+    report = read_report(path) | fields
+    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.chmod(tmp, file.stat().st_mode & 0o777)
+    os.replace(tmp, file)
+    return report
+
+
 __all__ = [
     "DEFAULT_MODEL",
     "SOURCE_ATTRIBUTE",
@@ -307,4 +323,5 @@ __all__ = [
     "refresh_report",
     "save_compressed",
     "side_files",
+    "update_report",
 ]

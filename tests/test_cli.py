@@ -1,10 +1,11 @@
 """Issue 18: a fast command line (no torch for --help or argument errors), --quiet, output folder
-permissions, the source name of a model loaded with load_model."""
+permissions, the source name of a model loaded with load_model, the downstream check after compress."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -13,11 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 import hf_embcomp
 from hf_embcomp import cli, progress
-from hf_embcomp.io import DEFAULT_MODEL, atomic_output_dir, load_model
+from hf_embcomp.evaluation import evaluate
+from hf_embcomp.evaluation.check import describe
+from hf_embcomp.io import DEFAULT_MODEL, atomic_output_dir, load_model, read_report
 
 REPO = Path(__file__).resolve().parents[1]
 NOT_YET_REGISTERED = {"auto"}  # a selector over the registered methods, not a storage format
@@ -141,3 +144,51 @@ def test_compress_records_the_name_load_model_loaded(tiny_source):
     named = hf_embcomp.compress(tiny, "svd", 8, source="me/my-tiny", source_revision="abc")  # given: it wins
     assert named.config.embedding_compression["source_model"] == "me/my-tiny"
     assert named.config.embedding_compression["source_revision"] == "abc"
+
+
+@pytest.fixture(scope="module")
+def tiny_sources(tiny_source, tmp_path_factory) -> dict[str, Path]:
+    """The tiny BERT as a sentence-transformers folder (modules.json: evaluate runs its sentence suite), and a
+    tiny tied Llama with the same tokenizer (a causal LM: the check is a perplexity)."""
+    root = tmp_path_factory.mktemp("tiny_srcs")
+    st = root / "encoder"
+    shutil.copytree(tiny_source, st)
+    (st / "modules.json").write_text('[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.'
+                                     'Transformer"}]')
+    tok = AutoTokenizer.from_pretrained(tiny_source)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                      tie_word_embeddings=True, pad_token_id=0)
+    LlamaForCausalLM(cfg).eval().save_pretrained(root / "causal")
+    tok.save_pretrained(root / "causal")
+    return {"encoder": st, "causal": root / "causal"}
+
+
+@pytest.mark.parametrize("kind", ["encoder", "causal"])
+def test_compress_prints_and_records_the_check_evaluate_quick_gives(kind, tiny_sources, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["compress", str(tiny_sources[kind]), "--method", "svd", "--ratio", "4", "--output", str(out),
+                     "--quiet"]) == 0
+    summary = capsys.readouterr().out
+    check = read_report(out)["check"]
+    suite, metric = ("sentence", "cosine_to_uncompressed") if kind == "encoder" else ("lm", "perplexity")
+    assert (check["suite"], check["metric"]) == (suite, metric)
+    assert check["compressed"] != check["baseline"]  # a real measurement of both models, not a placeholder
+    assert f"  check             {describe(check)}" in summary.splitlines()
+    doc, skipped = evaluate(str(out), suites=(suite,), quick=True, device="cpu",
+                            tasks=("wikipedia",) if kind == "causal" else None)
+    assert skipped == {}
+    row = next(r for r in doc["results"] if r["metric"] == metric)
+    assert check["same_as"] and check["same_as"].startswith(f"hf-embcomp evaluate DIR --quick --suite {suite}")
+    assert row["dataset"] == check["dataset"]
+    assert check["baseline"] == pytest.approx(row["baseline"], abs=1e-6)
+    assert check["compressed"] == pytest.approx(row["compressed"], abs=1e-6)  # issue 18: within 0.01
+
+
+def test_no_check_skips_the_check(tiny_source, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["compress", str(tiny_source), "--method", "svd", "--ratio", "4", "--output", str(out),
+                     "--no-check", "--quiet"]) == 0
+    assert "check" not in read_report(out)
+    assert " check " not in capsys.readouterr().out

@@ -12,11 +12,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score
 from tqdm.auto import tqdm
 
-from .. import data
+from .. import data, progress
 from .context import EvalContext, SuiteSkipped
 from .results import result
 
@@ -41,7 +39,7 @@ def encode(model: torch.nn.Module, tokenizer: Any, sentences: list[str], batch_s
     """
     device = next(model.parameters()).device
     out = []
-    for i in tqdm(range(0, len(sentences), batch_size), desc=desc, unit="batch"):
+    for i in tqdm(range(0, len(sentences), batch_size), desc=desc, unit="batch", disable=progress.disabled()):
         enc = tokenizer(sentences[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt").to(device)
         hidden = model(**enc).last_hidden_state
@@ -53,8 +51,38 @@ def encode(model: torch.nn.Module, tokenizer: Any, sentences: list[str], batch_s
 
 def probe_accuracy(train_x: np.ndarray, train_y: list[int], test_x: np.ndarray, test_y: list[int], seed: int = 0) -> float:
     """Test accuracy of a scikit-learn LogisticRegression fitted on frozen embeddings."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score
+
     clf = LogisticRegression(max_iter=2000, random_state=seed).fit(train_x, train_y)
     return float(accuracy_score(test_y, clf.predict(test_x)))
+
+
+def _split(ctx: EvalContext) -> tuple[data.LabelledSentences, data.LabelledSentences, int]:
+    """(train, test, number of test sentences compared) of the probe for ``ctx.quick``."""
+    n_train, n_test = QUICK_SPLIT if ctx.quick else SPLIT
+    train, test = data.rotten_tomatoes(n_train, n_test, ctx.seed)
+    return train, test, min(QUICK_COSINE_SENTENCES if ctx.quick else COSINE_SENTENCES, n_test)
+
+
+def _cosine_result(ctx: EvalContext, baseline: np.ndarray, compressed: np.ndarray, n: int) -> dict[str, Any]:
+    """The ``embedding_cosine`` result: mean cosine of the first ``n`` rows of two [N, h] L2-normalised arrays."""
+    cos = float((baseline[:n] * compressed[:n]).sum(1).mean())
+    return result("sentence", "embedding_cosine", "sentence-similarity", DATASET | {"split": "test", "n": n},
+                  "cosine_to_uncompressed", 1.0, cos, True, ctx.settings)
+
+
+def embedding_cosine(ctx: EvalContext) -> dict[str, Any]:
+    """The ``embedding_cosine`` result of :func:`run` alone (only the compared test sentences are encoded, no
+    probe), for any encoder: what ``hf-embcomp compress`` prints as its check (:mod:`.check`)."""
+    _, test, n_cos = _split(ctx)
+    tok = ctx.tokenizer()
+    emb = {}
+    for which in ("baseline", "compressed"):
+        model = ctx.load(which)
+        emb[which] = encode(model, tok, list(test.sentences[:n_cos]), desc=f"sentence: {which} test")
+        del model
+    return _cosine_result(ctx, emb["baseline"], emb["compressed"], n_cos)
 
 
 def run(ctx: EvalContext) -> list[dict[str, Any]]:
@@ -66,9 +94,8 @@ def run(ctx: EvalContext) -> list[dict[str, Any]]:
     """
     if not ctx.is_sentence_transformer():
         raise SuiteSkipped(f"{ctx.compressed.name} is not a sentence-transformers model (no modules.json)")
-    n_train, n_test = QUICK_SPLIT if ctx.quick else SPLIT
-    n_cos = QUICK_COSINE_SENTENCES if ctx.quick else COSINE_SENTENCES
-    train, test = data.rotten_tomatoes(n_train, n_test, ctx.seed)
+    train, test, n_cos = _split(ctx)
+    n_train, n_test = len(train.sentences), len(test.sentences)
     tok = ctx.tokenizer()
     emb = {}
     for which in ("baseline", "compressed"):
@@ -76,11 +103,9 @@ def run(ctx: EvalContext) -> list[dict[str, Any]]:
         emb[which] = (encode(model, tok, list(train.sentences), desc=f"sentence: {which} train"),
                       encode(model, tok, list(test.sentences), desc=f"sentence: {which} test"))
         del model
-    cos = float((emb["baseline"][1][:n_cos] * emb["compressed"][1][:n_cos]).sum(1).mean())
     acc = {w: probe_accuracy(e[0], list(train.labels), e[1], list(test.labels), ctx.seed) for w, e in emb.items()}
     return [
-        result("sentence", "embedding_cosine", "sentence-similarity", DATASET | {"split": "test", "n": min(n_cos, n_test)},
-               "cosine_to_uncompressed", 1.0, cos, True, ctx.settings),
+        _cosine_result(ctx, emb["baseline"][1], emb["compressed"][1], n_cos),
         result("sentence", "sentiment_probe", "text-classification", DATASET | {"split": "test", "n": n_test}, "accuracy",
                acc["baseline"], acc["compressed"], True, ctx.settings | {"train": n_train, "probe": "LogisticRegression"}),
     ]
