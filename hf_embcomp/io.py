@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from . import progress
 from .hub_code.modeling_embcomp import stock_class_for
 
 logger = logging.getLogger(__name__)
@@ -51,8 +53,11 @@ class Source:
 
     @property
     def label(self) -> str:
-        """The source as recorded in ``source_model``: the name, or ``name::file.gguf`` for a GGUF file."""
-        return self.name if self.gguf_file is None else f"{self.name}::{self.gguf_file}"
+        """The source as recorded in ``source_model``: the name (for a GGUF file given by its path, that path), or
+        ``name::file.gguf`` for a GGUF file inside the folder or Hub repo ``name``."""
+        if self.gguf_file is None or Path(self.name).name == self.gguf_file:
+            return self.name
+        return f"{self.name}::{self.gguf_file}"
 
 
 SOURCE_ATTRIBUTE = "_embcomp_source"
@@ -81,6 +86,23 @@ def _gguf_embedding_info(path: Path) -> tuple[str | None, int | None]:
         if t.name == "token_embd.weight":
             return t.tensor_type.name, int(t.n_bytes)
     return None, None
+
+
+@contextlib.contextmanager
+def _gguf_bar_follows_progress() -> Iterator[None]:
+    """transformers' GGUF de-quantisation bar (a bare tqdm in ``modeling_gguf_pytorch_utils``, deaf to
+    ``transformers.utils.logging.disable_progress_bar``) off while :func:`hf_embcomp.progress.disabled`."""
+    if not progress.disabled():
+        yield
+        return
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def load_model(
@@ -125,7 +147,7 @@ def load_model(
     if gguf_file is not None:
         gp = Path(gguf_file)
         if gp.is_absolute() or gp.parent != Path("."):
-            folder, gguf_file, target = gp.parent, gp.name, str(gp.parent)
+            name, folder, gguf_file, target = str(gp), gp.parent, gp.name, str(gp.parent)
         if folder is not None and not (folder / gguf_file).is_file():
             raise SourceError(f"GGUF file {folder / gguf_file} does not exist; check --gguf-file.")
     kw: dict[str, Any] = {}
@@ -148,8 +170,9 @@ def load_model(
         raise SourceError(f"{name} is already compressed by hf-embcomp; compress its source model instead.")
     cls = load_class_for(config)
     try:
-        m = cls.from_pretrained(target, dtype=dtype or "auto", **kw)
-        tok = AutoTokenizer.from_pretrained(target, **kw)
+        with _gguf_bar_follows_progress():
+            m = cls.from_pretrained(target, dtype=dtype or "auto", **kw)
+            tok = AutoTokenizer.from_pretrained(target, **kw)
     except Exception as e:  # noqa: BLE001
         raise SourceError(f"cannot load {name}: {str(e).splitlines()[0]}") from None
     m.eval()

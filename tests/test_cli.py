@@ -192,3 +192,28 @@ def test_no_check_skips_the_check(tiny_source, tmp_path, capsys):
                      "--no-check", "--quiet"]) == 0
     assert "check" not in read_report(out)
     assert " check " not in capsys.readouterr().out
+
+
+def test_gguf_dequantisation_bar_follows_quiet():
+    """transformers' GGUF loader draws a bare tqdm bar (deaf to its own disable_progress_bar)."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from hf_embcomp.io import _gguf_bar_follows_progress
+
+    original = gguf_utils.tqdm
+    with _gguf_bar_follows_progress():
+        assert gguf_utils.tqdm is original  # not quiet: the bar is drawn
+    with progress.quiet(), _gguf_bar_follows_progress():
+        bar = gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...")
+        assert bar.disable
+        bar.close()
+    assert gguf_utils.tqdm is original
+
+
+def test_source_label_of_a_gguf_path_names_the_file_once(tmp_path):
+    from hf_embcomp.io import Source
+
+    gguf = tmp_path / "m.Q4_1.gguf"
+    assert Source(None, None, str(gguf), tmp_path, gguf.name).label == str(gguf)
+    assert Source(None, None, "org/repo-GGUF", None, "m.Q4_1.gguf").label == "org/repo-GGUF::m.Q4_1.gguf"
+    assert Source(None, None, str(tmp_path), tmp_path, "m.Q4_1.gguf").label == f"{tmp_path}::m.Q4_1.gguf"

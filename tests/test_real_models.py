@@ -142,6 +142,7 @@ emit(out)
 def test_smollm2_gguf_tied_head_reload_and_generate(tmp_path, smollm_gguf):
     src = load_model(smollm_gguf)
     assert src.embedding_dtype == "Q8_0" and src.embedding_bytes < 49152 * 576 * 2
+    assert src.label == str(smollm_gguf)  # the file named once (was PATH::FILE)
     comp = hf_embcomp.compress(src.model, "svd", 8, source=str(smollm_gguf), source_dtype=src.embedding_dtype,
                                source_embedding_bytes=src.embedding_bytes, tokenizer=src.tokenizer)
     assert comp._embcomp_output_names == ["lm_head"]
