@@ -213,7 +213,7 @@ def _compress(args: argparse.Namespace) -> int:
             from hf_embcomp.io import update_report
 
             try:
-                check = steps.step("check", lambda: quick_check(out, device=args.device))
+                check = steps.step("check", lambda: quick_check(out, device=args.device, baseline_model=src.model))
             except KeyboardInterrupt:
                 print(f"hf-embcomp: check interrupted; the model is written to {out} (its report has no check).",
                       file=sys.stderr)

@@ -152,6 +152,10 @@ def compress(
     result writes a repository that loads with ``AutoModel*.from_pretrained(dir, trust_remote_code=True)``
     where hf-embcomp is not installed.
 
+    The steps, each a function of this module: :func:`validate` -> :func:`fit` -> :func:`build_skeleton` (on the
+    meta device) -> :func:`load_state` -> :func:`finish` (checks, report, side files); ``method="auto"`` runs
+    them for each candidate (:func:`hf_embcomp.auto.compress_auto`).
+
     Args:
         model: a stock model whose input embedding is an ``nn.Embedding`` (V x d).
         method: a registered method name (``hf_embcomp.METHODS``).

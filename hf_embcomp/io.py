@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -88,23 +87,6 @@ def _gguf_embedding_info(path: Path) -> tuple[str | None, int | None]:
     return None, None
 
 
-@contextlib.contextmanager
-def _gguf_bar_follows_progress() -> Iterator[None]:
-    """transformers' GGUF de-quantisation bar (a bare tqdm in ``modeling_gguf_pytorch_utils``, deaf to
-    ``transformers.utils.logging.disable_progress_bar``) off while :func:`hf_embcomp.progress.disabled`."""
-    if not progress.disabled():
-        yield
-        return
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
-
-    bar = gguf_utils.tqdm
-    gguf_utils.tqdm = functools.partial(bar, disable=True)
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = bar
-
-
 def load_model(
     model: str | os.PathLike | None = None,
     *,
@@ -170,7 +152,7 @@ def load_model(
         raise SourceError(f"{name} is already compressed by hf-embcomp; compress its source model instead.")
     cls = load_class_for(config)
     try:
-        with _gguf_bar_follows_progress():
+        with progress.gguf_bar():
             m = cls.from_pretrained(target, dtype=dtype or "auto", **kw)
             tok = AutoTokenizer.from_pretrained(target, **kw)
     except Exception as e:  # noqa: BLE001

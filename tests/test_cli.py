@@ -198,12 +198,10 @@ def test_gguf_dequantisation_bar_follows_quiet():
     """transformers' GGUF loader draws a bare tqdm bar (deaf to its own disable_progress_bar)."""
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-    from hf_embcomp.io import _gguf_bar_follows_progress
-
     original = gguf_utils.tqdm
-    with _gguf_bar_follows_progress():
+    with progress.gguf_bar():
         assert gguf_utils.tqdm is original  # not quiet: the bar is drawn
-    with progress.quiet(), _gguf_bar_follows_progress():
+    with progress.quiet(), progress.gguf_bar():
         bar = gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...")
         assert bar.disable
         bar.close()

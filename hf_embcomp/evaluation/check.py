@@ -27,13 +27,17 @@ REPORT_KEY = "check"
 """Key of the check in ``compression_report.json``."""
 
 
-def quick_check(model_dir: str | Path, baseline: str | None = None, *, device: str | None = None) -> dict[str, Any]:
+def quick_check(model_dir: str | Path, baseline: str | None = None, *, device: str | None = None,
+                baseline_model: Any = None) -> dict[str, Any]:
     """Run the check (module docstring) on the compressed repository ``model_dir`` and its source.
 
     Args:
         model_dir: a folder written by ``hf-embcomp compress``.
         baseline: the uncompressed model (default: ``embedding_compression.source_model`` of its config).
         device: torch device (default: as ``hf-embcomp evaluate``, cuda if available, else cpu).
+        baseline_model: the uncompressed model, already loaded from ``baseline`` (saves reading it again, e.g. the
+            de-quantisation of a GGUF file); used only where it is what the evaluation would load (its class, float32),
+            and then moved to ``device``.
 
     Returns:
         ``{"suite", "task", "metric", "dataset", "baseline", "compressed", "drop", "higher_is_better", "seconds",
@@ -50,7 +54,7 @@ def quick_check(model_dir: str | Path, baseline: str | None = None, *, device: s
     t0 = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ctx = EvalContext.from_dir(str(model_dir), baseline, quick=True, max_steps=10, seed=0, device=device,
-                               tasks=("wikipedia",))
+                               tasks=("wikipedia",), models={"baseline": baseline_model} if baseline_model else {})
     causal = "causal-lm" in ctx.pretrained_heads()
     try:
         if causal:

@@ -13,6 +13,8 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
+from .. import progress
+from ..hub_code.modeling_embcomp import stock_class_for
 from ..io import DEFAULT_MODEL, default_model_path
 
 logger = logging.getLogger(__name__)
@@ -87,6 +89,9 @@ class EvalContext:
         data_dir: folder with ``glue/`` and ``squad/`` (None: the default, else the Hub).
         device: torch device string.
         tasks: only these GLUE tasks and lm corpora (None: all).
+        models: models already in memory, ``{"baseline": model}``: :meth:`load` hands such a model out instead of
+            reading it again when it is what the read would give (the class asked for, float32); it is moved to
+            :attr:`device` and put in eval mode.
     """
 
     compressed: ModelRef
@@ -98,6 +103,7 @@ class EvalContext:
     data_dir: str | None = None
     device: str = "cpu"
     tasks: tuple[str, ...] | None = None
+    models: dict[str, PreTrainedModel] = field(default_factory=dict, repr=False)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -159,8 +165,14 @@ class EvalContext:
         """Load the ``"baseline"`` or ``"compressed"`` model with ``auto_class`` in float32, eval mode, on
         :attr:`device`. ``kwargs`` go to ``from_pretrained`` (e.g. ``num_labels``)."""
         ref = {"baseline": self.baseline, "compressed": self.compressed}[which]
+        held = self.models.get(which)
+        if (held is not None and not kwargs and held.dtype == torch.float32
+                and type(held) is stock_class_for(auto_class.__name__, held.config.model_type)):
+            logger.info("using the %s model %s in memory as %s", which, ref.name, auto_class.__name__)
+            return held.to(self.device).eval()
         logger.info("loading the %s model %s as %s", which, ref.name, auto_class.__name__)
-        model = auto_class.from_pretrained(ref.target, dtype=torch.float32, **dict(ref.kwargs), **kwargs)
+        with progress.gguf_bar():
+            model = auto_class.from_pretrained(ref.target, dtype=torch.float32, **dict(ref.kwargs), **kwargs)
         return model.to(self.device).eval()
 
     def baseline_memo(self, key: tuple[Any, ...]) -> Any | None:
