@@ -218,6 +218,11 @@ def _compress(args: argparse.Namespace) -> int:
                 print(f"hf-embcomp: check interrupted; the model is written to {out} (its report has no check).",
                       file=sys.stderr)
                 return 130
+            except Exception as e:  # noqa: BLE001 - the model is written; a failed check must not hide that
+                why = f"the check failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run " \
+                      f"hf-embcomp evaluate {out} --quick to see why"
+                logger.warning("%s", why)
+                check = {"skipped": why}
             model.compression_report = update_report(out, **{REPORT_KEY: check})
     finally:
         steps.close()

@@ -215,3 +215,17 @@ def test_source_label_of_a_gguf_path_names_the_file_once(tmp_path):
     assert Source(None, None, str(gguf), tmp_path, gguf.name).label == str(gguf)
     assert Source(None, None, "org/repo-GGUF", None, "m.Q4_1.gguf").label == "org/repo-GGUF::m.Q4_1.gguf"
     assert Source(None, None, str(tmp_path), tmp_path, "m.Q4_1.gguf").label == f"{tmp_path}::m.Q4_1.gguf"
+
+
+def test_a_failing_check_keeps_the_written_model(tiny_source, tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("index out of range in self")
+
+    monkeypatch.setattr("hf_embcomp.evaluation.check.quick_check", broken)
+    out = tmp_path / "out"
+    assert cli.main(["compress", str(tiny_source), "--method", "svd", "--ratio", "4", "--output", str(out),
+                     "--quiet"]) == 0
+    check = read_report(out)["check"]
+    assert check["skipped"].startswith("the check failed (RuntimeError: index out of range in self)")
+    assert f"  check             skipped: {check['skipped']}" in capsys.readouterr().out
+    assert (out / "model.safetensors").is_file()

@@ -32,12 +32,14 @@ DATASET = {"id": "vader-sentiment/rotten-tomatoes", "name": "Rotten Tomatoes sen
 @torch.no_grad()
 def encode(model: torch.nn.Module, tokenizer: Any, sentences: list[str], batch_size: int = 64, max_length: int = 128,
            desc: str = "encoding") -> np.ndarray:
-    """Mean-pooled, L2-normalised sentence embeddings.
+    """Mean-pooled, L2-normalised sentence embeddings of the first ``max_length`` tokens (at most the model's
+    ``max_position_embeddings``).
 
     Returns:
         float32 [len(sentences), hidden_size].
     """
     device = next(model.parameters()).device
+    max_length = min(max_length, getattr(model.config, "max_position_embeddings", None) or max_length)
     out = []
     for i in tqdm(range(0, len(sentences), batch_size), desc=desc, unit="batch", disable=progress.disabled()):
         enc = tokenizer(sentences[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
