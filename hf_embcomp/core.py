@@ -426,12 +426,17 @@ def load_state(new: PreTrainedModel, model: PreTrainedModel, plan: CompressionPl
     for k, t in fitted.state.items():
         if own[k].shape != t.shape:
             raise CompressionError(f"method {method} produced {k} of shape {tuple(t.shape)}, expected {tuple(own[k].shape)}")
-        _assign(emb, k, t.detach().to(own[k].dtype, copy=True))
+        t = t.detach()
+        if t.is_floating_point():  # through the storage dtype first: in memory exactly what a reload gives
+            t = t.to(emb.storage_dtype)
+        _assign(emb, k, t.to(own[k].dtype, copy=True))
     # non-persistent buffers (position ids, rotary frequencies) are in no state dict: the source's, copied
     src_buffers = dict(model.named_buffers(remove_duplicate=False))
+    copied = []
     for name, buf in list(new.named_buffers(remove_duplicate=False)):
         if buf.is_meta and name in src_buffers:
             _assign(new, name, src_buffers[name].detach().clone())
+            copied.append(name)
     left = [n for n, t in [*new.named_parameters(), *new.named_buffers()] if t.is_meta]
     left += [f"{n}.{a}" for n, m in new.named_modules() for a, v in vars(m).items()
              if isinstance(v, torch.Tensor) and v.is_meta and a not in ("_parameters", "_buffers")]
@@ -439,6 +444,8 @@ def load_state(new: PreTrainedModel, model: PreTrainedModel, plan: CompressionPl
         raise CompressionError(f"no values for {left} of the compressed model: a bug, please report it.")
     old = model.get_input_embeddings()
     new.to(device=old.weight.device, dtype=plan.body_dtype)
+    for name in copied:  # keep their own dtype (rotary inv_freq stays float32, as a load in bfloat16 gives)
+        _assign(new, name, src_buffers[name].detach().to(device=old.weight.device, copy=True))
     new.train(model.training)
     new.tie_weights()
 
