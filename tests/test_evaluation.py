@@ -299,6 +299,7 @@ def test_bad_inputs_exit_2_with_one_line(argv, minilm8, minilm_path, capsys):
 def test_quick_evaluate_minilm_writes_valid_results(minilm8, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sentence, "QUICK_SPLIT", (80, 40))
     monkeypatch.setattr(sentence, "QUICK_COSINE_SENTENCES", 40)
+    monkeypatch.setattr(sentence, "QUICK_STSB_PAIRS", 40)
     monkeypatch.setattr(glue, "QUICK_EVAL", 32)
     out = tmp_path / "r.json"
     rc = main(["evaluate", str(minilm8), "--suite", "fidelity,sentence,glue", "--tasks", "sst2", "--quick",
@@ -320,6 +321,19 @@ def test_quick_evaluate_minilm_writes_valid_results(minilm8, tmp_path, monkeypat
     assert cos["dataset"]["n"] == 40 and 0 < cos["compressed"] < 1
     sst2 = by[("glue", "sst2", "accuracy")]
     assert sst2["dataset"]["n"] == 32 and sst2["settings"]["max_steps"] == 2
+    # zero-shot STS-B: the stock model's score is what sentence-transformers computes on the same pairs
+    sts = by[("sentence", "stsb_zero_shot", "spearman_x100")]
+    assert sts["dataset"]["n"] == 40
+    from scipy.stats import spearmanr
+    from sentence_transformers import SentenceTransformer
+
+    from hf_embcomp.io import default_model_path
+
+    s1, s2, gold = sentence.stsb_pairs(quick=True)
+    st = SentenceTransformer(str(default_model_path()), device="cpu")
+    a, b = st.encode(s1, normalize_embeddings=True), st.encode(s2, normalize_embeddings=True)
+    assert sts["baseline"] == pytest.approx(100 * spearmanr((a * b).sum(1), gold).correlation, abs=0.05)
+    assert sts["compressed"] != sts["baseline"]
     table = capsys.readouterr().out
     assert "sst2" in table and "embedding_cosine" in table and str(out) in table
 

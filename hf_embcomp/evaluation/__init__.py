@@ -6,7 +6,8 @@ Suites (each a module with ``run(ctx) -> list[result]``):
 - ``lm``: causal-LM perplexity / masked-LM pseudo-perplexity on Wikipedia and Penn Treebank.
 - ``glue``: SST-2, MRPC, RTE, CoLA, STS-B fine-tuned under a step budget, token embedding frozen.
 - ``squad``: SQuAD v1.1 exact match / F1 after a step-budgeted fine-tune.
-- ``sentence``: sentence-embedding cosine to the uncompressed model, Rotten Tomatoes linear probe.
+- ``sentence``: sentence-embedding cosine to the uncompressed model, Rotten Tomatoes linear probe, zero-shot
+  GLUE STS-B dev (Spearman x100 of the cosine, as sentence-transformers reports it).
 
 The results file layout is documented in :mod:`hf_embcomp.evaluation.results` and docs/results-schema.md.
 """

@@ -1,4 +1,4 @@
-"""Sentence embeddings: agreement with the uncompressed model, and a sentiment linear probe.
+"""Sentence embeddings: agreement with the uncompressed model, a sentiment linear probe, and zero-shot STS-B.
 
 Sentences are the Rotten Tomatoes sentences of the vader-sentiment sdist (:func:`hf_embcomp.data.rotten_tomatoes`,
 fixed-seed split). Embeddings are mean-pooled last hidden states over the attention mask, L2-normalised
@@ -27,6 +27,31 @@ COSINE_SENTENCES = 1500
 """Test sentences compared between the two models; ``--quick``: :data:`QUICK_COSINE_SENTENCES`."""
 QUICK_COSINE_SENTENCES = 200
 DATASET = {"id": "vader-sentiment/rotten-tomatoes", "name": "Rotten Tomatoes sentences (Hutto & Gilbert, 2014)"}
+QUICK_STSB_PAIRS = 200
+"""STS-B dev pairs scored with ``--quick`` (all 1,500 otherwise)."""
+STSB = {"id": "glue/stsb", "name": "GLUE STS-B"}
+
+
+def stsb_pairs(quick: bool = False) -> tuple[list[str], list[str], list[float]] | None:
+    """(sentences 1, sentences 2, gold similarity in [0, 5]) of the GLUE STS-B dev split (../shared/data/glue),
+    the first :data:`QUICK_STSB_PAIRS` with ``quick``; None when the GLUE data is not available."""
+    try:
+        dev = data.glue_task("stsb")["validation"]
+    except (FileNotFoundError, OSError, ValueError) as e:
+        logger.warning("STS-B skipped: %s", e)
+        return None
+    n = min(len(dev), QUICK_STSB_PAIRS) if quick else len(dev)
+    return list(dev["sentence1"][:n]), list(dev["sentence2"][:n]), [float(x) for x in dev["label"][:n]]
+
+
+def stsb_spearman(model: torch.nn.Module, tokenizer: Any, pairs: tuple[list[str], list[str], list[float]]) -> float:
+    """Zero-shot STS-B: Spearman correlation x100 between the cosine of the two sentences' embeddings
+    (:func:`encode`) and the gold similarity (as sentence-transformers' EmbeddingSimilarityEvaluator reports)."""
+    from scipy.stats import spearmanr
+
+    a = encode(model, tokenizer, pairs[0], desc="STS-B: sentence 1")
+    b = encode(model, tokenizer, pairs[1], desc="STS-B: sentence 2")
+    return float(100 * spearmanr((a * b).sum(1), pairs[2]).correlation)
 
 
 @torch.no_grad()
@@ -99,15 +124,23 @@ def run(ctx: EvalContext) -> list[dict[str, Any]]:
     train, test, n_cos = _split(ctx)
     n_train, n_test = len(train.sentences), len(test.sentences)
     tok = ctx.tokenizer()
-    emb = {}
+    pairs = stsb_pairs(ctx.quick)
+    emb, sts = {}, {}
     for which in ("baseline", "compressed"):
         model = ctx.load(which)
         emb[which] = (encode(model, tok, list(train.sentences), desc=f"sentence: {which} train"),
                       encode(model, tok, list(test.sentences), desc=f"sentence: {which} test"))
+        if pairs is not None:
+            sts[which] = stsb_spearman(model, tok, pairs)
         del model
     acc = {w: probe_accuracy(e[0], list(train.labels), e[1], list(test.labels), ctx.seed) for w, e in emb.items()}
-    return [
+    out = [
         _cosine_result(ctx, emb["baseline"][1], emb["compressed"][1], n_cos),
         result("sentence", "sentiment_probe", "text-classification", DATASET | {"split": "test", "n": n_test}, "accuracy",
                acc["baseline"], acc["compressed"], True, ctx.settings | {"train": n_train, "probe": "LogisticRegression"}),
     ]
+    if pairs is not None:
+        out.append(result("sentence", "stsb_zero_shot", "sentence-similarity",
+                          STSB | {"split": "validation", "n": len(pairs[2])}, "spearman_x100", sts["baseline"],
+                          sts["compressed"], True, ctx.settings | {"similarity": "cosine", "pooling": "mean"}))
+    return out
