@@ -228,7 +228,7 @@ def run_ours(ev: Evaluator, E: torch.Tensor, method: str, ratio: float, model_ke
     try:
         cfg = method_config(method, V, d, ratio, **overrides)
     except hf_embcomp.RatioError as e:
-        return row | {"status": "skipped", "error": str(e)}
+        return [row | {"status": "skipped", "error": str(e)}]
     try:
         extra = {"calibration": ev.calibration()} if hf_embcomp.get_method(method).uses_calibration else {}
         comp = hf_embcomp.compress(ev.model, method, ratio, tokenizer=ev.tok, **extra, **overrides)
