@@ -64,19 +64,32 @@ def probe_ids(tokenizer: Any, calibration: Any, vocab_size: int, tokens: int = P
 
 
 class Probe:
-    """The score of a candidate model on the probe (see the module docstring); ``better(a, b)``: a beats b."""
+    """The score of a model on a probe text (see the module docstring); ``better(a, b)``: a beats b.
 
-    def __init__(self, source: PreTrainedModel, tokenizer: Any, calibration: Any) -> None:
+    Also the held-out score of recovery (:mod:`hf_embcomp.training.recover`), given its own ``ids``.
+
+    Args:
+        source: the uncompressed model (an encoder's score is the cosine to its pooled states).
+        tokenizer, calibration: the probe is the calibration text after the calibrated tokens; or
+        ids: int64 [N] token ids to score on instead (then ``bos_id`` says what each window starts with).
+        label: the metric's first word (``"probe"``, ``"held-out"``).
+        window: tokens per perplexity window (causal LMs).
+    """
+
+    def __init__(self, source: PreTrainedModel, tokenizer: Any = None, calibration: Any = None, *,
+                 ids: torch.Tensor | None = None, bos_id: int | None = None, label: str = "probe",
+                 window: int = 512) -> None:
         from .evaluation.lm import needs_bos
 
         V = source.get_input_embeddings().num_embeddings
-        self.ids = probe_ids(tokenizer, calibration, V)
+        self.ids = probe_ids(tokenizer, calibration, V) if ids is None else ids
+        self.window = window
         self.causal = source.get_output_embeddings() is not None
-        self.bos = needs_bos(tokenizer) if self.causal else None
-        self.metric = "probe perplexity" if self.causal else "probe sentence cosine"
+        self.bos = (needs_bos(tokenizer) if ids is None else bos_id) if self.causal else None
+        self.metric = f"{label} perplexity" if self.causal else f"{label} sentence cosine"
         if not self.causal:
-            n = self.ids.numel() // PASSAGE_TOKENS
-            self.passages = self.ids[: n * PASSAGE_TOKENS].reshape(n, PASSAGE_TOKENS)
+            n = max(1, self.ids.numel() // PASSAGE_TOKENS)
+            self.passages = self.ids[: n * PASSAGE_TOKENS].reshape(n, -1)
             self.reference = self._pooled(source)
 
     @torch.no_grad()
@@ -100,8 +113,9 @@ class Probe:
             was = model.training
             model.eval()
             try:
-                return perplexity(model, self.ids, window=512, stride=512 - (self.bos is not None), bos_id=self.bos,
-                                  desc="auto: probe")[0]
+                w = min(self.window, self.ids.numel())
+                return perplexity(model, self.ids, window=w, stride=w - (self.bos is not None), bos_id=self.bos,
+                                  desc=self.metric)[0]
             finally:
                 model.train(was)
         return float((self._pooled(model) * self.reference).sum(-1).mean())

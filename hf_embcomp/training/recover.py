@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..auto import Probe
 from .distill import distill, steps_run
 from .parts import compressed_embedding, trainable_parts
 
@@ -64,54 +65,6 @@ class RecoveryResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class HeldOut:
-    """The held-out score of a model on ``ids`` (module docstring); :meth:`better` compares two scores."""
-
-    def __init__(self, teacher: nn.Module, ids: torch.Tensor, window: int = 512, bos_id: int | None = None,
-                 passage_tokens: int = 64) -> None:
-        self.ids = ids
-        self.causal = teacher.get_output_embeddings() is not None
-        self.metric = "held-out perplexity" if self.causal else "held-out sentence cosine"
-        self.window, self.bos_id = window, bos_id
-        if not self.causal:
-            n = max(1, ids.numel() // passage_tokens)
-            self.passages = ids[: n * passage_tokens].reshape(n, -1)
-            self.reference = self._pooled(teacher)
-
-    @torch.no_grad()
-    def _pooled(self, model: nn.Module) -> torch.Tensor:
-        dev = next(model.parameters()).device
-        out = []
-        for i in range(0, self.passages.shape[0], 16):
-            h = model(input_ids=self.passages[i : i + 16].to(dev), output_hidden_states=True).hidden_states[-1]
-            out.append(nn.functional.normalize(h.float().mean(1), dim=-1).cpu())
-        return torch.cat(out)
-
-    @torch.no_grad()
-    def score(self, model: nn.Module) -> float:
-        """Perplexity (causal) or mean pooled cosine to the teacher (encoder) of ``model`` in eval mode."""
-        from ..evaluation.lm import perplexity
-
-        was = model.training
-        model.eval()
-        try:
-            if self.causal:
-                w = min(self.window, self.ids.numel())
-                return perplexity(model, self.ids, window=w, stride=w - (self.bos_id is not None),
-                                  bos_id=self.bos_id, desc="held-out ppl")[0]
-            return float((self._pooled(model) * self.reference).sum(-1).mean())
-        finally:
-            model.train(was)
-
-    def better(self, a: float, b: float) -> bool:
-        """True if score ``a`` is strictly better than ``b`` (a NaN is never better)."""
-        if a != a:
-            return False
-        if b != b:
-            return True
-        return a < b if self.causal else a > b
 
 
 def lora_targets(model: nn.Module) -> list[str]:
@@ -192,7 +145,7 @@ def recover(
     """
     if lora_rank < 0:
         raise ValueError(f"lora_rank must be >= 0, got {lora_rank}.")
-    held = HeldOut(teacher, heldout, window=eval_window, bos_id=bos_id)
+    held = Probe(teacher, ids=heldout, bos_id=bos_id, label="held-out", window=eval_window)
     score_teacher = held.score(teacher)
     before = held.score(student)
     snapshot = {k: v.detach().clone() for k, v in student.state_dict().items()}
