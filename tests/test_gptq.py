@@ -191,3 +191,51 @@ def test_refit_is_the_least_squares_optimum_and_refine_never_worsens_a_row():
     er = h_error(x, dequantise(Qr, Sr, Mr, gs), H)
     assert (er <= e0 * (1 + 1e-5)).all() and er.sum() <= e1.sum() * (1 + 1e-5)
     assert Qr.min() >= 0 and Qr.max() <= 3
+
+
+def test_gptvq_beats_nearest_codeword_under_its_hessian():
+    """GPTVQ's error feedback lowers the H-weighted error against plain nearest-codeword rounding (same codebook)."""
+    from hf_embcomp.methods.gptq import gptvq_rows, train_codebook
+    g = torch.Generator().manual_seed(0)
+    d = 32
+    A = torch.randn(d, 4, generator=g, dtype=torch.float64)
+    H = A @ A.T + 0.05 * torch.eye(d, dtype=torch.float64)
+    W = torch.randn(400, d, generator=g)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    book = train_codebook(W, 6, 4, 10, 0, "float32")
+    assert book.shape == (64, 4)
+    idx, Q = gptvq_rows(W, hinv, book, 4)
+    assert torch.equal(Q, book[idx].flatten(1))  # the rounded rows are codewords
+    near = torch.cdist(W.reshape(-1, 4), book).argmin(1)
+    err = lambda Wh: float((((W - Wh).double() @ H) * (W - Wh).double()).sum())  # noqa: E731
+    assert err(Q) < 0.9 * err(book[near].reshape(W.shape))
+    # with H = I nothing is fed back: GPTVQ is nearest-codeword rounding
+    idx0, _ = gptvq_rows(W, torch.eye(d), book, 4)
+    assert torch.equal(idx0.reshape(-1), near)
+
+
+def test_vector_tiers_decode_consistently_meet_the_ratio_and_reload(tmp_path):
+    m = tiny_model("llama")
+    cal = Calibration(torch.arange(1000), torch.eye(32, dtype=torch.float64) + 0.5, None, 0, "test")
+    comp = hf_embcomp.compress(m, "gptq", 9, calibration=cal, vq_bits=[6, 8], vq_dim=4)
+    rep = comp.compression_report
+    hp = rep["hyperparameters"]
+    assert rep["compression_ratio"] >= 9 and sum(hp["tier_rows"]) + sum(hp["vq_rows"]) == 1000
+    assert min(hp["vq_rows"]) > 0  # both vector tiers hold rows at this budget
+    emb = comp.get_compressed_embedding()
+    cfg = GPTQConfig(**{k: v for k, v in hp.items() if k in {f.name for f in dataclasses.fields(GPTQConfig)}})
+    stored = sum(t.numel() * t.element_size() for t in emb.state_dict().values())
+    assert stored == cfg.stored_bytes(1000, 32)
+    assert emb.codebook_v8.shape == (256, 4) and emb.scales_v6.shape == (hp["vq_rows"][0], 1)
+    E = emb.reconstruct()
+    ids = torch.randint(0, 1000, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(emb(ids), E[ids])
+        for n in (1, 3, 9):  # codebook tables (<= 4 rows) and decoded chunks
+            h = torch.randn(n, 32)
+            assert torch.allclose(emb(logits_from=h), h @ E.T, atol=1e-4)
+    comp.save_pretrained(tmp_path)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+    x = torch.randint(0, 1000, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, comp(x).logits)

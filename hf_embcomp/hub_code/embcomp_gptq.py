@@ -1,10 +1,16 @@
-"""Rotated group-wise scalar quantisation with mixed bits per row (fitted by GPTQ; see
+"""Rotated group-wise scalar and vector quantisation with mixed bits per row (fitted by GPTQ / GPTVQ; see
 ``hf_embcomp/methods/gptq.py``).
 
 Every row v is stored in the rotated basis x' = x R (R = diag(signs) . blockdiag(H_B), H_B the normalised
-B x B Sylvester-Hadamard matrix, signs a fixed random +-1 vector) as b_v-bit codes q in [0, 2^b_v - 1] with one
-(scale, min) pair per group of ``group_size`` coordinates: x'_j = q_j * scale_{g(j)} + min_{g(j)}. Rows with the
-same bit width form a tier (its rows in vocabulary order); ``row_bits`` says which tier a row is in.
+B x B Sylvester-Hadamard matrix, signs a fixed random +-1 vector), in one of two kinds of tier:
+
+- scalar tier of b bits (``row_bits`` = b, 1..8): codes q in [0, 2^b - 1] with one (scale, min) pair per group of
+  ``group_size`` coordinates: x'_j = q_j * scale_{g(j)} + min_{g(j)};
+- vector tier of b-bit indices (``row_bits`` = 128 + b): the row cut into d / k sub-vectors of k = ``vq_dim``
+  coordinates, each a b-bit index into the tier's codebook C [2^b, k], times one scale per row:
+  x'_{[jk, (j+1)k)} = scale_v * C[c_vj].
+
+Rows of one tier are stored in vocabulary order; ``row_bits`` says which tier a row is in.
 
 Runtime code: ships in every compressed model repository; imports only torch and sibling files.
 """
@@ -99,15 +105,22 @@ def _word_table(bits: int, device: Any) -> torch.Tensor:
     return table
 
 
+VQ_TAG = 128
+"""``row_bits`` of a row in the vector tier of b-bit indices: VQ_TAG + b (scalar tiers: b)."""
+
+
 class GroupQuantEmbedding(CompressedEmbedding):
     """Rows decoded on the fly from their tier's codes; no V x d matrix is built for a lookup or tied logits.
 
-    Tensors: ``row_bits`` uint8 [V] (the bit width of each row); ``rotation_signs`` uint8 [ceil(d/8)] (bit j
-    set: sign_j = -1; present when ``rotation_block`` > 0); per bit width b of ``bits`` with n_b =
-    ``tier_rows[i]`` > 0 rows: ``codes_b{b}`` uint8 [n_b, ceil(d*b/8)], ``scales_b{b}`` and ``mins_b{b}`` float
-    [n_b, ceil(d/group_size)].
-    Hyper-parameters: ``bits`` (list), ``tier_rows`` (list, same length, sums to V), ``group_size``,
-    ``rotation_block`` (B, a power of 2 dividing d; 0: no rotation).
+    Tensors: ``row_bits`` uint8 [V] (the tier of each row: b, or VQ_TAG + b); ``rotation_signs`` uint8
+    [ceil(d/8)] (bit j set: sign_j = -1; present when ``rotation_block`` > 0); per bit width b of ``bits`` with
+    n_b = ``tier_rows[i]`` > 0 rows: ``codes_b{b}`` uint8 [n_b, ceil(d*b/8)], ``scales_b{b}`` and ``mins_b{b}``
+    float [n_b, ceil(d/group_size)]; per index width b of ``vq_bits`` with n_b = ``vq_rows[i]`` > 0 rows:
+    ``codes_v{b}`` uint8 [n_b, ceil(d/k*b/8)] (d / k indices a row, a big-endian bit stream), ``codebook_v{b}``
+    float [2^b, k] and ``scales_v{b}`` float [n_b, 1].
+    Hyper-parameters: ``bits`` (list), ``tier_rows`` (list, same length), ``vq_bits`` and ``vq_rows`` (lists,
+    optional), ``vq_dim`` (k, dividing d), all rows summing to V; ``group_size``, ``rotation_block`` (B, a power
+    of 2 dividing d; 0: no rotation).
 
     Tied output heads: ``hidden . e_v = (hidden R) . e'_v``, so the hidden states are rotated once and each tier
     is decoded in chunks of :attr:`logits_chunk` rows and multiplied (the tier-ordered logits are then gathered into
@@ -124,8 +137,24 @@ class GroupQuantEmbedding(CompressedEmbedding):
 
     @property
     def tiers(self) -> list[tuple[int, int]]:
-        """(bits, rows) of every stored tier, in the order of ``bits``."""
+        """(bits, rows) of every stored scalar tier, in the order of ``bits``."""
         return [(int(b), int(n)) for b, n in zip(self.hparams["bits"], self.hparams["tier_rows"]) if int(n) > 0]
+
+    @property
+    def vq_tiers(self) -> list[tuple[int, int]]:
+        """(index bits, rows) of every stored vector tier, in the order of ``vq_bits``."""
+        return [(int(b), int(n)) for b, n in zip(self.hparams.get("vq_bits", []), self.hparams.get("vq_rows", []))
+                if int(n) > 0]
+
+    @property
+    def all_tiers(self) -> list[tuple[str, int, int]]:
+        """(name, ``row_bits`` tag, rows) of every stored tier: scalar tiers ("b4"), then vector tiers ("v9"); the
+        tier-ordered concatenation of rows (tied logits, reconstruct) follows this order."""
+        return ([(f"b{b}", b, n) for b, n in self.tiers] + [(f"v{b}", VQ_TAG + b, n) for b, n in self.vq_tiers])
+
+    @property
+    def vq_dim(self) -> int:
+        return int(self.hparams.get("vq_dim", 8))
 
     @property
     def group_size(self) -> int:
@@ -141,8 +170,12 @@ class GroupQuantEmbedding(CompressedEmbedding):
 
     def allocate(self) -> None:
         V, d, G = self.num_embeddings, self.embedding_dim, self.num_groups
-        if sum(n for _, n in self.tiers) != V:
-            raise ValueError(f"tier_rows {self.hparams['tier_rows']} do not sum to V = {V}")
+        if sum(n for _, _, n in self.all_tiers) != V:
+            raise ValueError(f"tier_rows {self.hparams['tier_rows']} and vq_rows {self.hparams.get('vq_rows', [])} "
+                             f"do not sum to V = {V}")
+        k = self.vq_dim
+        if self.vq_tiers and (k < 1 or d % k):
+            raise ValueError(f"vq_dim {k} must divide d = {d}")
         B = self.rotation_block
         if B and (B & (B - 1) or d % B):
             raise ValueError(f"rotation_block {B} must be a power of 2 dividing d = {d}")
@@ -153,6 +186,10 @@ class GroupQuantEmbedding(CompressedEmbedding):
             self.register_buffer(f"codes_b{b}", torch.empty(n, (d * b + 7) // 8, dtype=torch.uint8), persistent=True)
             setattr(self, f"scales_b{b}", nn.Parameter(torch.empty(n, G)))
             setattr(self, f"mins_b{b}", nn.Parameter(torch.empty(n, G)))
+        for b, n in self.vq_tiers:
+            self.register_buffer(f"codes_v{b}", torch.empty(n, (d // k * b + 7) // 8, dtype=torch.uint8), persistent=True)
+            setattr(self, f"codebook_v{b}", nn.Parameter(torch.empty(1 << b, k)))
+            setattr(self, f"scales_v{b}", nn.Parameter(torch.empty(n, 1)))
         self._index_key: Any = None
         self._bag_cache: dict[int, Any] = {}
 
@@ -162,9 +199,9 @@ class GroupQuantEmbedding(CompressedEmbedding):
             init.normal_(p, mean=0.0, std=0.02)
         if not getattr(self.row_bits, "_is_hf_initialized", False):
             with torch.no_grad():  # any assignment with the configured tier sizes keeps lookups well defined
-                self.row_bits.copy_(torch.cat([torch.full((n,), b, dtype=torch.uint8) for b, n in self.tiers]))
-        for b, _ in self.tiers:
-            init.zeros_(getattr(self, f"codes_b{b}"))
+                self.row_bits.copy_(torch.cat([torch.full((n,), t, dtype=torch.uint8) for _, t, n in self.all_tiers]))
+        for name, _, _ in self.all_tiers:
+            init.zeros_(getattr(self, f"codes_{name}"))
 
     # --- indexing ------------------------------------------------------------------------------
     def _index(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,10 +225,10 @@ class GroupQuantEmbedding(CompressedEmbedding):
         pos = torch.zeros(self.num_embeddings, dtype=torch.int64, device=rb.device)
         start = torch.zeros_like(pos)
         offset = 0
-        for b, n in self.tiers:
-            hit = rb == b
+        for name, tag, n in self.all_tiers:
+            hit = rb == tag
             if check and int(hit.sum()) != n:
-                raise ValueError(f"row_bits has {int(hit.sum())} rows of {b} bits, the config says {n}: the "
+                raise ValueError(f"row_bits has {int(hit.sum())} rows in tier {name}, the config says {n}: the "
                                  "checkpoint does not match its config.json.")
             pos = torch.where(hit, torch.cumsum(hit, 0) - 1, pos)
             start = torch.where(hit, torch.full_like(pos, offset), start)
@@ -216,9 +253,13 @@ class GroupQuantEmbedding(CompressedEmbedding):
         """x' [..., d] -> x' R^T (back to the embedding's basis)."""
         return self._hadamard(x) * self._signs(x.dtype) if self.rotation_block else x
 
-    def _decode(self, bits: int, rows: torch.Tensor | slice, padded: bool = False) -> torch.Tensor:
-        """Rotated rows ``rows`` of tier ``bits`` -> float [n, d] (``padded``: [n, G * group_size], the padding
-        coordinates of the last group hold its min; a tied head multiplies them by zeros)."""
+    def _decode(self, name: str, rows: torch.Tensor | slice, padded: bool = False) -> torch.Tensor:
+        """Rotated rows ``rows`` of tier ``name`` ("b4", "v9") -> float [n, d] (``padded``, scalar tiers:
+        [n, G * group_size], the padding coordinates of the last group hold its min; a tied head multiplies them
+        by zeros)."""
+        if name[0] == "v":
+            return self._decode_vq(int(name[1:]), rows)
+        bits = int(name[1:])
         d, g, G = self.embedding_dim, self.group_size, self.num_groups
         scales, mins = getattr(self, f"scales_b{bits}")[rows], getattr(self, f"mins_b{bits}")[rows]
         codes = getattr(self, f"codes_b{bits}")[rows]
@@ -231,24 +272,34 @@ class GroupQuantEmbedding(CompressedEmbedding):
         out = torch.addcmul(mins.unsqueeze(-1), q.unflatten(-1, (G, g)), scales.unsqueeze(-1)).flatten(-2)
         return out if padded else out[..., :d]
 
+    def _vq_indices(self, bits: int, rows: torch.Tensor | slice) -> torch.Tensor:
+        """int64 [n, d / k]: the codebook indices of rows ``rows`` of vector tier ``bits``."""
+        return unpack_codes(getattr(self, f"codes_v{bits}")[rows], bits, self.embedding_dim // self.vq_dim, torch.int64)
+
+    def _decode_vq(self, bits: int, rows: torch.Tensor | slice) -> torch.Tensor:
+        """Rotated rows of vector tier ``bits`` -> float [n, d]: scale_v * C[c_vj] for every sub-vector j."""
+        idx = self._vq_indices(bits, rows)
+        codebook, scales = getattr(self, f"codebook_v{bits}"), getattr(self, f"scales_v{bits}")[rows]
+        return F.embedding(idx, codebook).flatten(-2) * scales
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         pos, _ = self._index()
         flat = input_ids.reshape(-1)
         bits_of = self.row_bits[flat]
         p = pos[flat]
-        tiers = self.tiers
+        tiers = self.all_tiers
         if len(tiers) == 1:
             out = self._decode(tiers[0][0], p)
         elif is_exporting():  # every tier decodes every id (clamped into range) and a select keeps the right one
             out = torch.zeros(flat.shape[0], self.embedding_dim, dtype=self.dtype, device=flat.device)
-            for b, n in tiers:
-                out = torch.where((bits_of == b).unsqueeze(-1), self._decode(b, p.clamp_max(n - 1)).to(out.dtype), out)
+            for name, tag, n in tiers:
+                out = torch.where((bits_of == tag).unsqueeze(-1), self._decode(name, p.clamp_max(n - 1)).to(out.dtype), out)
         else:
             out = torch.zeros(flat.numel(), self.embedding_dim, dtype=self.dtype, device=flat.device)
-            for b, _ in tiers:
-                hit = torch.nonzero(bits_of == b).flatten()
+            for name, tag, _ in tiers:
+                hit = torch.nonzero(bits_of == tag).flatten()
                 if hit.numel():
-                    out = out.index_copy(0, hit, self._decode(b, p[hit]).to(out.dtype))
+                    out = out.index_copy(0, hit, self._decode(name, p[hit]).to(out.dtype))
         return self.unrotate(out).reshape(*input_ids.shape, self.embedding_dim)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -262,7 +313,13 @@ class GroupQuantEmbedding(CompressedEmbedding):
             if few and self._table_ok(b):
                 parts.append(self._logits_tables(b, hp).to(hr.dtype))
             else:
-                parts += [hp @ self._decode(b, slice(i, i + self.logits_chunk), padded=True).T
+                parts += [hp @ self._decode(f"b{b}", slice(i, i + self.logits_chunk), padded=True).T
+                          for i in range(0, n, self.logits_chunk)]
+        for b, n in self.vq_tiers:
+            if few:
+                parts.append(self._logits_vq_tables(b, hr).to(hr.dtype))
+            else:
+                parts += [hr @ self._decode_vq(b, slice(i, i + self.logits_chunk)).T
                           for i in range(0, n, self.logits_chunk)]
         logits = torch.cat(parts, dim=-1).index_select(-1, order)  # tier order -> vocabulary order
         return logits.reshape(*hidden.shape[:-1], self.num_embeddings)
@@ -294,6 +351,31 @@ class GroupQuantEmbedding(CompressedEmbedding):
         out = (dots.unflatten(0, (-1, G)) * scales.unsqueeze(-1)).sum(1)  # [n_b, N]
         return (out + mins @ h.unflatten(-1, (G, g)).sum(-1).T).T
 
+    def _logits_vq_tables(self, bits: int, hr: torch.Tensor) -> torch.Tensor:
+        """Vector tier ``bits`` logits of hr (float [N, d], rotated) -> float32 [N, n_b] from codebook tables:
+        T_j[c] = h_j . C[c] (h_j the j-th k-coordinate slice of h), logits_v = scale_v sum_j T_j[c_vj]; one
+        ``embedding_bag`` sums the d / k table entries of each row: exact, d / k table reads a row."""
+        k, K = self.vq_dim, 1 << bits
+        codebook = getattr(self, f"codebook_v{bits}").float()
+        tables = hr.float().unflatten(-1, (-1, k)) @ codebook.T  # [N, d / k, K]
+        idx, offsets = self._vq_bag_index(bits)
+        dots = F.embedding_bag(idx, bag_weight(tables), offsets, mode="sum")  # [n_b, N]
+        return (dots * getattr(self, f"scales_v{bits}").float()).T
+
+    def _vq_bag_index(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``embedding_bag`` input of vector tier ``bits``: int32 [n_b * d / k] (index + 2^bits * its position in
+        the row) and the int32 [n_b] bag offsets. Cached on the codes tensor: 4 bytes per index, 4 d / k bytes a row
+        (SmolLM2 at k = 8: 288 bytes a row, 1/8 of its dense fp32 row)."""
+        codes = getattr(self, f"codes_v{bits}")
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            idx = self._vq_indices(bits, slice(None)).to(torch.int32)
+            n, m = idx.shape
+            idx = idx + torch.arange(m, dtype=torch.int32, device=idx.device) * (1 << bits)
+            return idx.reshape(-1), torch.arange(n, dtype=torch.int32, device=idx.device) * m
+
+        return tensor_cache(self._bag_cache, f"v{bits}", codes, build)
+
     def _bag_index(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``embedding_bag`` input of tier ``bits``: int32 [n_b * nbytes] (code byte + 256 * its position in the
         row) and the int32 [n_b * G] bag offsets (one bag a row and group). Built on first use and cached on the codes
@@ -311,5 +393,5 @@ class GroupQuantEmbedding(CompressedEmbedding):
 
     def reconstruct(self) -> torch.Tensor:
         _, order = self._index()
-        out = torch.cat([self._decode(b, slice(None)).to(self.dtype) for b, _ in self.tiers]).index_select(0, order)
+        out = torch.cat([self._decode(name, slice(None)).to(self.dtype) for name, _, _ in self.all_tiers]).index_select(0, order)
         return self.unrotate(out)

@@ -57,7 +57,7 @@ from typing import Any
 import torch
 
 from ..hub_code.embcomp_base import pack_bits
-from ..hub_code.embcomp_gptq import hadamard_matrix
+from ..hub_code.embcomp_gptq import VQ_TAG, hadamard_matrix
 from .base import CompressionMethod, MethodConfig, RatioError, check_ratio, register_method
 
 logger = logging.getLogger(__name__)
@@ -66,17 +66,27 @@ BIT_GRID = (1, 2, 3, 4, 5, 6, 8)
 ROW_CHUNK = 16384
 GROUP_GRID = (128, 256, 512, 1 << 30)
 """Group sizes :meth:`GPTQConfig.from_ratio` tries in turn (the default first; the last: one group a row)."""
+VQ_GRID = (8, 9, 10)
+"""Index widths of the vector tiers :meth:`GPTQConfig.from_ratio` offers (k = 8: 1, 1.125, 1.25 bits a coordinate)."""
+VQ_BELOW_BITS = 3.0
+"""Vector tiers are offered where the budget is under this many bits per weight (ratio > 32 / 3)."""
+VQ_MAX_BITS = 14
 
 
 @dataclasses.dataclass(frozen=True)
 class GPTQConfig(MethodConfig):
     """Attributes:
-        bits: the bit widths a row may get (each stored tier has one).
-        tier_rows: rows per entry of ``bits`` (sums to V). :meth:`from_ratio` fills in a data-free split (two
-            adjacent widths meeting the budget); with ``allocation="calibrated"`` the fit replaces it.
-        target_bytes: the byte budget of the allocation (from the ratio; None: the bytes of ``tier_rows``).
-        allocation: ``"calibrated"`` (the fit assigns widths to rows under ``target_bytes``, module docstring 5)
-            or ``"fixed"`` (``tier_rows`` as given; the rows of highest weight get the most bits). Default: fixed
+        bits: the bit widths a row of a scalar tier may get (each stored scalar tier has one).
+        tier_rows: rows per entry of ``bits``. :meth:`from_ratio` fills in a data-free split (two adjacent tiers
+            meeting the budget); with ``allocation="calibrated"`` the fit replaces it.
+        vq_bits: the index widths of the vector tiers (module docstring, 7): a row of the tier of b bits stores
+            d / ``vq_dim`` b-bit indices into the tier's codebook of 2^b vectors; () for none.
+        vq_rows: rows per entry of ``vq_bits`` (None: none); all rows of both kinds sum to V.
+        vq_dim: k, the coordinates of one vector (must divide d).
+        vq_iters: k-means iterations of each codebook.
+        target_bytes: the byte budget of the allocation (from the ratio; None: the bytes of the given rows).
+        allocation: ``"calibrated"`` (the fit assigns tiers to rows under ``target_bytes``, module docstring 5)
+            or ``"fixed"`` (the rows as given; the rows of highest weight get the costliest tiers). Default: fixed
             when the config is built directly, calibrated when it is solved from a ratio.
         group_size: coordinates sharing one (scale, min) pair (the last group of a row may be shorter);
             :meth:`from_ratio` takes the first of :data:`GROUP_GRID` that reaches the ratio.
@@ -85,13 +95,17 @@ class GPTQConfig(MethodConfig):
         damp: GPTQ's dampening, a fraction of the mean diagonal of H.
         count_floor: row weights are count + count_floor * mean count (module docstring, 5).
         refine: rounds of (refit the scales and mins to the codes, GPTQ again with them fixed) after the first
-            GPTQ pass of each tier, ending with a refit; each row keeps its best round (module docstring, 6).
-        dtype: storage dtype of the scales and mins (default float16).
+            GPTQ pass of each scalar tier, ending with a refit; each row keeps its best round (module docstring, 6).
+        dtype: storage dtype of the scales, mins and codebooks (default float16).
     """
 
     dtype: str = "float16"
     bits: tuple = BIT_GRID
     tier_rows: tuple | None = None
+    vq_bits: tuple = ()
+    vq_rows: tuple | None = None
+    vq_dim: int = 8
+    vq_iters: int = 15
     target_bytes: int | None = None
     group_size: int = 128
     rotation_block: int | None = None
@@ -106,11 +120,20 @@ class GPTQConfig(MethodConfig):
         if not bits or any(not 1 <= b <= 8 for b in bits) or len(set(bits)) != len(bits):
             raise ValueError(f"bits must be distinct widths in 1..8 (got {self.bits}).")
         object.__setattr__(self, "bits", bits)
-        if self.tier_rows is not None:
-            rows = tuple(int(n) for n in self.tier_rows)
-            if len(rows) != len(bits) or min(rows) < 0:
-                raise ValueError(f"tier_rows must give a row count >= 0 for each of bits {bits} (got {self.tier_rows}).")
-            object.__setattr__(self, "tier_rows", rows)
+        vq = tuple(int(b) for b in (self.vq_bits if isinstance(self.vq_bits, (list, tuple)) else [self.vq_bits]))
+        if any(not 1 <= b <= VQ_MAX_BITS for b in vq) or len(set(vq)) != len(vq):
+            raise ValueError(f"vq_bits must be distinct index widths in 1..{VQ_MAX_BITS} (got {self.vq_bits}).")
+        object.__setattr__(self, "vq_bits", vq)
+        if int(self.vq_dim) < 1:
+            raise ValueError(f"vq_dim must be >= 1 (got {self.vq_dim}).")
+        for name, widths, given in (("tier_rows", bits, self.tier_rows), ("vq_rows", vq, self.vq_rows)):
+            if given is not None:
+                rows = tuple(int(n) for n in given)
+                if len(rows) != len(widths) or (rows and min(rows) < 0):
+                    raise ValueError(f"{name} must give a row count >= 0 for each of {list(widths)} (got {given}).")
+                object.__setattr__(self, name, rows)
+        if self.vq_rows is None:
+            object.__setattr__(self, "vq_rows", (0,) * len(vq))
         if int(self.group_size) < 1:
             raise ValueError(f"group_size must be >= 1 (got {self.group_size}).")
         if self.tier_rows is None:
@@ -129,34 +152,58 @@ class GPTQConfig(MethodConfig):
         return b if b > 1 else 0
 
     def row_bytes(self, bits: int, embedding_dim: int) -> int:
-        """Bytes of one row at ``bits``: its packed codes and its groups' (scale, min) pairs."""
+        """Bytes of one row of the scalar tier ``bits``: its packed codes and its groups' (scale, min) pairs."""
         groups = -(-embedding_dim // int(self.group_size))
         return (embedding_dim * bits + 7) // 8 + 2 * groups * self.dtype_bytes
 
-    def fixed_bytes(self, num_embeddings: int, embedding_dim: int) -> int:
-        """Bytes that do not depend on the allocation: ``row_bits`` and the rotation signs."""
-        return num_embeddings + ((embedding_dim + 7) // 8 if self.block_for(embedding_dim) else 0)
+    def vq_row_bytes(self, bits: int, embedding_dim: int) -> int:
+        """Bytes of one row of the vector tier ``bits``: d / k packed ``bits``-bit indices and its scale."""
+        return (embedding_dim // int(self.vq_dim) * bits + 7) // 8 + self.dtype_bytes
+
+    def codebook_bytes(self, bits: int) -> int:
+        """Bytes of the codebook of the vector tier ``bits``: 2^bits vectors of k values."""
+        return (1 << bits) * int(self.vq_dim) * self.dtype_bytes
+
+    def tiers(self, embedding_dim: int) -> list[tuple[str, int, int, int]]:
+        """(name, width, bytes a row, rows) of every configured tier: scalar tiers ("b4") in ``bits`` order, then
+        vector tiers ("v9") in ``vq_bits`` order (the runtime's order)."""
+        d = embedding_dim
+        return ([(f"b{b}", b, self.row_bytes(b, d), n) for b, n in zip(self.bits, self.tier_rows)]
+                + [(f"v{b}", b, self.vq_row_bytes(b, d), n) for b, n in zip(self.vq_bits, self.vq_rows)])
+
+    def fixed_bytes(self, num_embeddings: int, embedding_dim: int, used_only: bool = False) -> int:
+        """Bytes that do not depend on the row allocation: ``row_bits``, the rotation signs and the codebooks (of
+        every vector tier; ``used_only``: of those holding rows)."""
+        books = sum(self.codebook_bytes(b) for b, n in zip(self.vq_bits, self.vq_rows) if n or not used_only)
+        return num_embeddings + ((embedding_dim + 7) // 8 if self.block_for(embedding_dim) else 0) + books
 
     def stored_bytes(self, num_embeddings: int, embedding_dim: int) -> int:
-        """Exact bytes of the tiers ``tier_rows`` describes (a calibrated fit stays within ``target_bytes``)."""
-        return self.fixed_bytes(num_embeddings, embedding_dim) + sum(
-            n * self.row_bytes(b, embedding_dim) for b, n in zip(self.bits, self.tier_rows))
+        """Exact bytes of the tiers the row counts describe (a calibrated fit stays within ``target_bytes``)."""
+        return self.fixed_bytes(num_embeddings, embedding_dim, used_only=True) + sum(
+            n * rb for _, _, rb, n in self.tiers(embedding_dim))
 
     def hyperparameters(self) -> dict[str, Any]:
         hp = dataclasses.asdict(self)
-        hp["bits"], hp["tier_rows"] = list(self.bits), list(self.tier_rows)
+        for key in ("bits", "tier_rows", "vq_bits", "vq_rows"):
+            hp[key] = list(getattr(self, key))
         return hp
 
     @classmethod
     def from_ratio(cls, num_embeddings: int, embedding_dim: int, ratio: float, **overrides: Any) -> "GPTQConfig":
-        """The budget V d 4 / ratio and a data-free split of the rows over two adjacent widths within it.
+        """The budget V d 4 / ratio and a data-free split of the rows over two tiers adjacent in cost within it.
+        Vector tiers (``vq_bits``, default :data:`VQ_GRID` where d is a multiple of ``vq_dim`` and the budget is
+        under :data:`VQ_BELOW_BITS` bits per weight) join the scalar ones.
 
         Raises:
-            RatioError: even every row at the smallest width stores too much (the message gives the range).
+            RatioError: even every row in the cheapest tier stores too much (the message gives the range).
         """
         ratio = check_ratio(ratio)
         V, d = num_embeddings, embedding_dim
         overrides = {k: v for k, v in overrides.items() if k != "target_bytes"}
+        if "vq_bits" not in overrides:
+            k = int(overrides.get("vq_dim", 8))
+            use = d % k == 0 and 32.0 / ratio < VQ_BELOW_BITS and overrides.get("tier_rows") is None
+            overrides["vq_bits"] = VQ_GRID if use else ()
         if "group_size" not in overrides:  # larger groups (fewer scales) where the default cannot reach the ratio
             for g in GROUP_GRID:
                 try:
@@ -165,20 +212,22 @@ class GPTQConfig(MethodConfig):
                     if g >= d:
                         raise
             raise AssertionError("unreachable")
-        probe = cls(**{"tier_rows": (V,) + (0,) * (len(tuple(overrides.get("bits", BIT_GRID))) - 1), **overrides})
+        nb, nv = len(tuple(overrides.get("bits", BIT_GRID))), len(tuple(overrides["vq_bits"]))
+        probe = cls(**{"tier_rows": (V,) + (0,) * (nb - 1), "vq_rows": (0,) * nv, **overrides})
         probe = dataclasses.replace(probe, rotation_block=probe.block_for(d))
         if overrides.get("tier_rows") is not None:
             return dataclasses.replace(probe, target_bytes=probe.stored_bytes(V, d), allocation="fixed")
         full = V * d * 4
         target = int(full // ratio)
-        order = sorted(range(len(probe.bits)), key=lambda j: probe.bits[j])
-        cost = {j: probe.row_bytes(probe.bits[j], d) for j in order}
+        tiers = probe.tiers(d)
+        order = sorted(range(len(tiers)), key=lambda j: tiers[j][2])
+        cost = {j: tiers[j][2] for j in order}
         budget = target - probe.fixed_bytes(V, d)
         if budget < V * cost[order[0]]:
             lo = probe.fixed_bytes(V, d) + V * cost[order[0]]
             raise RatioError(f"gptq cannot reach ratio {ratio:g} for a {V} x {d} embedding with bits {list(probe.bits)} "
                              f"and group_size {probe.group_size}: the reachable range is 1 < ratio <= {full / lo:.1f}.")
-        rows = [0] * len(probe.bits)
+        rows = [0] * len(tiers)
         k = max(i for i, j in enumerate(order) if V * cost[j] <= budget)
         base = order[k]
         if k + 1 < len(order):
@@ -187,7 +236,7 @@ class GPTQConfig(MethodConfig):
             rows[up], rows[base] = int(n_up), V - int(n_up)
         else:
             rows[base] = V
-        return dataclasses.replace(probe, tier_rows=tuple(rows), target_bytes=target,
+        return dataclasses.replace(probe, tier_rows=tuple(rows[:nb]), vq_rows=tuple(rows[nb:]), target_bytes=target,
                                    allocation=overrides.get("allocation", "calibrated"))
 
 
@@ -347,6 +396,85 @@ def refine_rows(x: torch.Tensor, hinv_u: torch.Tensor, H: torch.Tensor, bits: in
     return best[0], best[1], best[2]
 
 
+def row_rms(x: torch.Tensor) -> torch.Tensor:
+    """float32 [n, 1]: the root mean square of each row of x [n, d] (the normaliser of the vector tiers)."""
+    return x.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)
+
+
+def train_codebook(X: torch.Tensor, bits: int, k: int, iters: int, seed: int, dtype: str,
+                   sample: int = 1 << 19, chunk: int = 1 << 15) -> torch.Tensor:
+    """Lloyd's k-means codebook float32 [2^bits, k] of the k-coordinate sub-vectors of rows X float32 [n, d]
+    (module docstring, 7), rounded to ``dtype``.
+
+    At most ``sample`` sub-vectors (a seeded random subset) take part; the initial centres are a random subset of
+    them; an empty cell restarts at a random sub-vector. Memory: ``chunk`` x 2^bits distances at a time.
+    """
+    K = 1 << bits
+    sub = X.reshape(-1, k)
+    g = torch.Generator().manual_seed(int(seed) + 104729 + bits)
+    if sub.shape[0] > max(sample, K):
+        sub = sub[torch.randperm(sub.shape[0], generator=g)[: max(sample, 4 * K)]]
+    if sub.shape[0] < K:  # fewer sub-vectors than centres: repeat them (tiny matrices)
+        sub = sub.repeat(-(-K // sub.shape[0]), 1)
+    C = sub[torch.randperm(sub.shape[0], generator=g)[:K]].clone()
+    for _ in range(int(iters)):
+        assign = torch.cat([torch.cdist(sub[i : i + chunk], C).argmin(1) for i in range(0, sub.shape[0], chunk)])
+        count = torch.bincount(assign, minlength=K)
+        total = torch.zeros_like(C).index_add_(0, assign, sub)
+        empty = count == 0
+        C = torch.where(empty[:, None], sub[torch.randint(0, sub.shape[0], (K,), generator=g)],
+                        total / count.clamp_min(1)[:, None])
+    return C.to(getattr(torch, dtype)).float()
+
+
+def gptvq_rows(W: torch.Tensor, hinv_u: torch.Tensor, codebook: torch.Tensor, k: int,
+               chunk: int = 1 << 13) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ with vector rounding (GPTVQ, van Baalen et al. 2024, section 3.1) of rows W float32 [n, d] onto the
+    codebook float32 [K, k], sub-vector by sub-vector.
+
+    With U the upper Cholesky factor of H^-1 (float32 [d, d]) and B the coordinates of sub-vector j, the rounding
+    error e_B = w_B - C[c] is measured by (U_BB^T U_BB)^-1, i.e. c = argmin ||U_BB^-T (w_B - C[c])||, and is fed back
+    into the later coordinates F: w_F -= e_B U_BB^-1 U_BF (Algorithm 1 of GPTQ with k columns at a time).
+
+    Returns:
+        (indices int64 [n, d / k], the rounded rows float32 [n, d]).
+    """
+    W = W.clone()
+    n, d = W.shape
+    m = d // k
+    idx = torch.empty(n, m, dtype=torch.int64)
+    Q = torch.empty_like(W)
+    for j in range(m):
+        a, b = j * k, (j + 1) * k
+        U = hinv_u[a:b, a:b].double()
+        metric = torch.linalg.inv(U.T).float()  # U_BB^-T: distances in its image are the GPTQ error
+        book = codebook @ metric.T
+        wb = W[:, a:b]
+        c = torch.cat([torch.cdist(wb[i : i + chunk] @ metric.T, book).argmin(1) for i in range(0, n, chunk)])
+        idx[:, j] = c
+        Q[:, a:b] = codebook[c]
+        if b < d:
+            W[:, b:] -= (wb - Q[:, a:b]) @ torch.linalg.solve(U, hinv_u[a:b, b:].double()).float()
+    return idx, Q
+
+
+def vq_scales(x: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The H-optimal scale float32 [n, 1] of each row for its rounded direction Q float32 [n, d] (x ~ s Q;
+    s = Q^T H x / Q^T H Q), rounded to ``dtype``."""
+    QH = Q @ H
+    s = (QH * x).sum(1, keepdim=True) / (QH * Q).sum(1, keepdim=True).clamp_min(1e-30)
+    return s.to(getattr(torch, dtype)).float()
+
+
+def vq_tier(x: torch.Tensor, hinv_u: torch.Tensor, H: torch.Tensor, codebook: torch.Tensor, k: int, dtype: str
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows x float32 [n, d] (rotated) in a vector tier: (indices int64 [n, d / k], scales float32 [n, 1], the
+    decoded rows float32 [n, d]); rows are divided by their RMS before :func:`gptvq_rows`, then rescaled."""
+    idx, Q = gptvq_rows(x / row_rms(x), hinv_u, codebook, k)
+    s = vq_scales(x, Q, H, dtype)
+    return idx, s, Q * s
+
+
 def pack_codes(Q: torch.Tensor, bits: int) -> torch.Tensor:
     """int [n, d] codes of ``bits`` bits -> uint8 [n, ceil(d*bits/8)], a big-endian bit stream (unpack_codes)."""
     shifts = torch.arange(bits - 1, -1, -1, dtype=torch.int32)
@@ -397,6 +525,9 @@ class GPTQMethod(CompressionMethod):
     def fit_with_config(self, weight: torch.Tensor, config: GPTQConfig, calibration: Any = None,
                         **context: Any) -> tuple[dict[str, torch.Tensor], GPTQConfig]:
         V, d = weight.shape
+        if config.vq_bits and d % int(config.vq_dim):
+            raise ValueError(f"vq_dim {config.vq_dim} must divide the embedding dimension {d}; pass vq_bits=() "
+                             "or a vq_dim that divides it.")
         E = weight.detach().float().cpu()
         H, h_src = hessian(d, calibration)
         block = config.block_for(d)
@@ -405,31 +536,29 @@ class GPTQMethod(CompressionMethod):
         Hr += config.damp * torch.diagonal(Hr).mean() * torch.eye(d, dtype=torch.float64)
         hinv_u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hr)), upper=True).float()
         colw = torch.diagonal(Hr).float()
-        Hf = Hr.float()
         Er = (E.double() @ R).float()
-        bits = list(config.bits)
+        fit = _TierFit(Er, Hr, hinv_u, colw, config)
+        tiers = config.tiers(d)
         if config.allocation == "calibrated":
-            rows_at = self._allocate(Er, Hr, hinv_u, colw, config, calibration, V, d)
-        else:  # fixed tier sizes: the most important rows get the most bits
-            rows_at = self._explicit(config, calibration, V)
-        state: dict[str, torch.Tensor] = {"row_bits": torch.tensor(bits, dtype=torch.uint8)[rows_at]}
+            rows_at = self._allocate(fit, config, calibration, V, d)
+        else:  # fixed tier sizes: the most important rows get the costliest tiers
+            rows_at = self._explicit(config, calibration, V, d)
+        tags = torch.tensor([w if name[0] == "b" else VQ_TAG + w for name, w, _, _ in tiers], dtype=torch.uint8)
+        state: dict[str, torch.Tensor] = {"row_bits": tags[rows_at]}
         if block:
             state["rotation_signs"] = pack_bits(neg)
-        tier_rows = []
-        for j, b in enumerate(bits):
+        counts = []
+        for j, (name, w, _, _) in enumerate(tiers):
             ids = torch.nonzero(rows_at == j).flatten()
-            tier_rows.append(int(ids.numel()))
-            if not ids.numel():
-                continue
-            parts = [refine_rows(Er[ids[i : i + ROW_CHUNK]], hinv_u, Hf, b, config.group_size, colw, config.dtype,
-                                 int(config.refine)) for i in range(0, ids.numel(), ROW_CHUNK)]
-            state[f"codes_b{b}"] = pack_codes(torch.cat([p[0] for p in parts]), b)
-            state[f"scales_b{b}"] = torch.cat([p[1] for p in parts])
-            state[f"mins_b{b}"] = torch.cat([p[2] for p in parts])
-        final = dataclasses.replace(config, tier_rows=tuple(tier_rows), rotation_block=block)
-        logger.info("gptq: H from %s, rotation block %d, rows per bit width %s", h_src, block,
-                    dict(zip(bits, tier_rows)))
-        self.fit_notes = {"hessian": h_src, "rotation_block": block, "rows_per_bits": dict(zip(map(str, bits), tier_rows))}
+            counts.append(int(ids.numel()))
+            if ids.numel():
+                state.update(fit.final(name, w, ids))
+        nb = len(config.bits)
+        final = dataclasses.replace(config, tier_rows=tuple(counts[:nb]), vq_rows=tuple(counts[nb:]),
+                                    rotation_block=block)
+        per_tier = {name: n for (name, _, _, _), n in zip(tiers, counts)}
+        logger.info("gptq: H from %s, rotation block %d, rows per tier %s", h_src, block, per_tier)
+        self.fit_notes = {"hessian": h_src, "rotation_block": block, "rows_per_tier": per_tier}
         return state, final
 
     @staticmethod
@@ -440,33 +569,73 @@ class GPTQMethod(CompressionMethod):
         c = counts.double()
         return c + config.count_floor * c.mean().clamp_min(1e-12)
 
-    def _allocate(self, Er, Hr, hinv_u, colw, config, calibration, V, d) -> torch.Tensor:
-        """Index into ``config.bits`` per row (module docstring, 5): every width tried on every row."""
-        bits = list(config.bits)
-        if len(bits) == 1:
+    def _allocate(self, fit: "_TierFit", config: GPTQConfig, calibration: Any, V: int, d: int) -> torch.Tensor:
+        """Index into ``config.tiers(d)`` per row (module docstring, 5): every tier tried on every row."""
+        tiers = config.tiers(d)
+        if len(tiers) == 1:
             return torch.zeros(V, dtype=torch.int64)
-        err = torch.zeros(V, len(bits), dtype=torch.float64)
-        Hf = Hr.float()
-        for i in range(0, V, ROW_CHUNK):
-            x = Er[i : i + ROW_CHUNK]
-            for j, b in enumerate(bits):
-                Q, S, M = gptq_rows(x, hinv_u, b, config.group_size, colw, config.dtype)
-                delta = x - dequantise(Q, S, M, config.group_size)
-                err[i : i + ROW_CHUNK, j] = ((delta @ Hf) * delta).sum(1).double()
-        row_bytes = torch.tensor([config.row_bytes(b, d) for b in bits], dtype=torch.float64)
+        err = torch.stack([fit.errors(name, w) for name, w, _, _ in tiers], 1)
+        row_bytes = torch.tensor([rb for _, _, rb, _ in tiers], dtype=torch.float64)
         target = config.target_bytes if config.target_bytes is not None else config.stored_bytes(V, d)
         budget = target - config.fixed_bytes(V, d)
         return allocate_bits(err, self._row_weights(config, calibration, V), row_bytes, budget)
 
-    def _explicit(self, config: GPTQConfig, calibration: Any, V: int) -> torch.Tensor:
-        if sum(config.tier_rows) != V:
-            raise ValueError(f"tier_rows {list(config.tier_rows)} must sum to V = {V}.")
+    def _explicit(self, config: GPTQConfig, calibration: Any, V: int, d: int) -> torch.Tensor:
+        if sum(config.tier_rows) + sum(config.vq_rows) != V:
+            raise ValueError(f"tier_rows {list(config.tier_rows)} and vq_rows {list(config.vq_rows)} must sum to V = {V}.")
+        tiers = config.tiers(d)
         order = torch.argsort(self._row_weights(config, calibration, V), descending=True, stable=True)
-        by_bits = sorted(range(len(config.bits)), key=lambda j: -config.bits[j])
+        by_cost = sorted(range(len(tiers)), key=lambda j: -tiers[j][2])
         rows_at = torch.empty(V, dtype=torch.int64)
         start = 0
-        for j in by_bits:
-            n = config.tier_rows[j]
+        for j in by_cost:
+            n = tiers[j][3]
             rows_at[order[start : start + n]] = j
             start += n
         return rows_at
+
+
+class _TierFit:
+    """The per-tier fits of one rotated matrix, shared by the allocation and the final tiers: a vector tier's
+    codebook is trained once and its GPTVQ pass over all rows reused; scalar tiers are refined only for the rows
+    they finally hold."""
+
+    def __init__(self, Er: torch.Tensor, Hr: torch.Tensor, hinv_u: torch.Tensor, colw: torch.Tensor,
+                 config: GPTQConfig) -> None:
+        self.Er, self.Hf, self.hinv_u, self.colw, self.config = Er, Hr.float(), hinv_u, colw, config
+        self._vq: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _vq_all(self, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codebook float32 [2^bits, k], indices int64 [V, d / k], scales [V, 1], H-error float64 [V]) of every row
+        in tier v{bits}: the codebook trained once (on every row, RMS-normalised), then one GPTVQ pass."""
+        if bits not in self._vq:
+            c = self.config
+            book = train_codebook(self.Er / row_rms(self.Er), bits, int(c.vq_dim), c.vq_iters, c.seed, c.dtype)
+            parts = [vq_tier(self.Er[i : i + ROW_CHUNK], self.hinv_u, self.Hf, book, int(self.config.vq_dim),
+                             self.config.dtype) for i in range(0, self.Er.shape[0], ROW_CHUNK)]
+            err = torch.cat([h_error(self.Er[i : i + ROW_CHUNK], p[2], self.Hf)
+                             for i, p in zip(range(0, self.Er.shape[0], ROW_CHUNK), parts)]).double()
+            self._vq[bits] = (book, torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), err)
+        return self._vq[bits]
+
+    def errors(self, name: str, width: int) -> torch.Tensor:
+        """H-error float64 [V] of every row in tier ``name`` (scalar tiers: one GPTQ pass, no refinement)."""
+        if name[0] == "v":
+            return self._vq_all(width)[3]
+        c, out = self.config, []
+        for i in range(0, self.Er.shape[0], ROW_CHUNK):
+            x = self.Er[i : i + ROW_CHUNK]
+            Q, S, M = gptq_rows(x, self.hinv_u, width, c.group_size, self.colw, c.dtype)
+            out.append(h_error(x, dequantise(Q, S, M, c.group_size), self.Hf).double())
+        return torch.cat(out)
+
+    def final(self, name: str, width: int, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored tensors of tier ``name`` holding rows ``ids`` (int64, vocabulary order)."""
+        c = self.config
+        if name[0] == "v":
+            book, idx, scales, _ = self._vq_all(width)
+            return {f"codes_{name}": pack_codes(idx[ids], width), f"codebook_{name}": book, f"scales_{name}": scales[ids]}
+        parts = [refine_rows(self.Er[ids[i : i + ROW_CHUNK]], self.hinv_u, self.Hf, width, c.group_size, self.colw,
+                             c.dtype, int(c.refine)) for i in range(0, ids.numel(), ROW_CHUNK)]
+        return {f"codes_{name}": pack_codes(torch.cat([p[0] for p in parts]), width),
+                f"scales_{name}": torch.cat([p[1] for p in parts]), f"mins_{name}": torch.cat([p[2] for p in parts])}
