@@ -111,7 +111,7 @@ def test_rotation_is_orthogonal():
 def test_gptq_model_meets_its_ratio_decodes_consistently_and_reloads(tmp_path):
     m = tiny_model("llama")
     cal = Calibration(torch.arange(1000), torch.eye(32, dtype=torch.float64) + 0.5, None, 0, "test")
-    comp = hf_embcomp.compress(m, "gptq", 6, calibration=cal)
+    comp = hf_embcomp.compress(m, "gptq", 6, calibration=cal, vq_bits=())  # scalar tiers (vector ones: below)
     rep = comp.compression_report
     assert rep["compression_ratio"] >= 6 and rep["calibration"]["source"] == "test"
     hp = rep["hyperparameters"]
@@ -211,13 +211,14 @@ def test_gptvq_beats_nearest_codeword_under_its_hessian():
     assert err(Q) < 0.9 * err(book[near].reshape(W.shape))
     # with H = I nothing is fed back: GPTVQ is nearest-codeword rounding
     idx0, _ = gptvq_rows(W, torch.eye(d), book, 4)
-    assert torch.equal(idx0.reshape(-1), near)
+    d0 = (W.reshape(-1, 4) - book[idx0.reshape(-1)]).pow(2).sum(1)
+    assert torch.allclose(d0, (W.reshape(-1, 4) - book[near]).pow(2).sum(1), atol=1e-5)
 
 
 def test_vector_tiers_decode_consistently_meet_the_ratio_and_reload(tmp_path):
     m = tiny_model("llama")
     cal = Calibration(torch.arange(1000), torch.eye(32, dtype=torch.float64) + 0.5, None, 0, "test")
-    comp = hf_embcomp.compress(m, "gptq", 9, calibration=cal, vq_bits=[6, 8], vq_dim=4)
+    comp = hf_embcomp.compress(m, "gptq", 9, calibration=cal, vq_bits=[6, 8], vq_dims=[4, 4])
     rep = comp.compression_report
     hp = rep["hyperparameters"]
     assert rep["compression_ratio"] >= 9 and sum(hp["tier_rows"]) + sum(hp["vq_rows"]) == 1000
@@ -226,7 +227,7 @@ def test_vector_tiers_decode_consistently_meet_the_ratio_and_reload(tmp_path):
     cfg = GPTQConfig(**{k: v for k, v in hp.items() if k in {f.name for f in dataclasses.fields(GPTQConfig)}})
     stored = sum(t.numel() * t.element_size() for t in emb.state_dict().values())
     assert stored == cfg.stored_bytes(1000, 32)
-    assert emb.codebook_v8.shape == (256, 4) and emb.scales_v6.shape == (hp["vq_rows"][0], 1)
+    assert emb.codebook_v1.shape == (256, 4) and emb.scales_v0.shape == (hp["vq_rows"][0], 1)
     E = emb.reconstruct()
     ids = torch.randint(0, 1000, (2, 9))
     with torch.no_grad():
@@ -239,3 +240,17 @@ def test_vector_tiers_decode_consistently_meet_the_ratio_and_reload(tmp_path):
     x = torch.randint(0, 1000, (1, 12))
     with torch.no_grad():
         assert torch.equal(back(x).logits, comp(x).logits)
+
+
+def test_from_ratio_offers_vector_tiers_near_the_budget_and_counts_their_codebooks():
+    V, d = 49152, 576
+    low = GPTQConfig.from_ratio(V, d, 25)  # 1.28 bits a weight: 8-dimensional vectors, 1 to 1.375 bits
+    assert set(low.vq_dims) == {8} and min(low.vq_bits) == 8
+    mid = GPTQConfig.from_ratio(V, d, 8)  # 4 bits a weight: 2-dimensional vectors, 3 to 4 bits
+    assert set(mid.vq_dims) == {2}
+    assert GPTQConfig.from_ratio(V, 100, 8).vq_bits == (6, 7, 8)  # 8 does not divide 100; 2 does
+    assert GPTQConfig.from_ratio(V, d, 8, vq_bits=()).vq_bits == ()
+    for cfg in (low, mid):  # the data-free split is within the budget, codebooks included
+        assert cfg.stored_bytes(V, d) <= cfg.target_bytes
+        books = sum((1 << b) * k * 2 for b, k, n in zip(cfg.vq_bits, cfg.vq_dims, cfg.vq_rows) if n)
+        assert cfg.fixed_bytes(V, d, used_only=True) == V + d // 8 + books

@@ -328,7 +328,7 @@ def test_tied_logits_equal_reconstruction_for_few_and_many_rows(method):
             else:
                 t.copy_(torch.arange(t.numel(), dtype=t.dtype) * 3)
         if hasattr(emb, "row_bits"):  # gptq: a valid random assignment of rows to its tiers
-            emb.row_bits.copy_(torch.cat([torch.full((n,), b, dtype=torch.uint8) for b, n in emb.tiers])[
+            emb.row_bits.copy_(torch.cat([torch.full((n,), tag, dtype=torch.uint8) for _, tag, n in emb.all_tiers])[
                 torch.randperm(V, generator=g)])
         emb.logits_chunk = 256  # several chunks over the 700 rows
         dense = emb.reconstruct()

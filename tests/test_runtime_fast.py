@@ -30,12 +30,19 @@ def _random(block: dict, seed: int = 0):
     return emb.eval()
 
 
-def _gptq(V: int = 300, d: int = 96, bits=(1, 2, 3, 4, 5, 8), rows=(60, 50, 50, 40, 50, 50), group=64):
+def _gptq(V: int = 300, d: int = 96, bits=(1, 2, 3, 4, 5, 8), rows=(60, 50, 50, 40, 50, 50), group=64,
+          vq=((9, 8, 0), (6, 2, 0))):
+    """Random tensors in the gptq format; ``vq``: (index bits, k, rows) of the vector tiers."""
+    V = V + sum(n for _, _, n in vq)
     block = {"method": "gptq", "num_embeddings": V, "embedding_dim": d, "padding_idx": None, "embed_scale": None,
              "storage_dtype": "float32", "hyperparameters": {"bits": list(bits), "tier_rows": list(rows),
+                                                             "vq_bits": [b for b, _, _ in vq],
+                                                             "vq_dims": [k for _, k, _ in vq],
+                                                             "vq_rows": [n for _, _, n in vq],
                                                              "group_size": group, "rotation_block": 32}}
     emb = _random(block)
-    rb = torch.cat([torch.full((n,), b, dtype=torch.uint8) for b, n in zip(bits, rows)])
+    rb = torch.cat([torch.full((n,), b, dtype=torch.uint8) for b, n in zip(bits, rows)]
+                   + [torch.full((n,), 128 + t, dtype=torch.uint8) for t, (_, _, n) in enumerate(vq)])
     with torch.no_grad():
         emb.row_bits.copy_(rb[torch.randperm(V, generator=torch.Generator().manual_seed(1))])
         emb.rotation_signs.copy_(torch.randint(0, 256, emb.rotation_signs.shape, dtype=torch.uint8))
@@ -52,6 +59,10 @@ def _gptq_reference(emb) -> torch.Tensor:
         s = getattr(emb, f"scales_b{b}").double().repeat_interleave(g, 1)[:, :d]
         m = getattr(emb, f"mins_b{b}").double().repeat_interleave(g, 1)[:, :d]
         tiers.append(q * s + m)
+    for t, b, k, n in emb.vq_tiers:  # indices -> codebook vectors times the row's scale
+        stream = unpack_bits(getattr(emb, f"codes_v{t}"), d // k * b, torch.int64).view(n, d // k, b)
+        c = (stream * (2 ** torch.arange(b - 1, -1, -1))).sum(-1)
+        tiers.append(getattr(emb, f"codebook_v{t}").double()[c].reshape(n, d) * getattr(emb, f"scales_v{t}").double())
     x = torch.cat(tiers)[emb._index()[1]]
     B = emb.rotation_block
     signs = 1 - 2 * unpack_bits(emb.rotation_signs, d, torch.float64)
@@ -68,9 +79,9 @@ def test_unpack_codes_float_paths_match_the_integer_path():
         assert torch.equal(unpack_codes(packed, bits, 37, torch.float32), ref.float()), bits
 
 
-@pytest.mark.parametrize("group", [64, 48])  # 48: the last group of 96 is full; 64: it is half empty (padding)
-def test_gptq_tables_and_decode_match_the_reference(group):
-    emb = _gptq(group=group)
+@pytest.mark.parametrize("group,vq", [(64, ()), (48, ((9, 8, 40), (6, 2, 30)))])  # 64: the last group of 96 is
+def test_gptq_tables_and_decode_match_the_reference(group, vq):  # half empty (padding); 48: full, + vector tiers
+    emb = _gptq(group=group, vq=vq)
     E = _gptq_reference(emb)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():

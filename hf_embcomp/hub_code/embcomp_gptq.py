@@ -6,9 +6,9 @@ B x B Sylvester-Hadamard matrix, signs a fixed random +-1 vector), in one of two
 
 - scalar tier of b bits (``row_bits`` = b, 1..8): codes q in [0, 2^b - 1] with one (scale, min) pair per group of
   ``group_size`` coordinates: x'_j = q_j * scale_{g(j)} + min_{g(j)};
-- vector tier of b-bit indices (``row_bits`` = 128 + b): the row cut into d / k sub-vectors of k = ``vq_dim``
-  coordinates, each a b-bit index into the tier's codebook C [2^b, k], times one scale per row:
-  x'_{[jk, (j+1)k)} = scale_v * C[c_vj].
+- vector tier t (``row_bits`` = 128 + t) of b = ``vq_bits[t]``-bit indices and k = ``vq_dims[t]``: the row cut
+  into d / k sub-vectors of k coordinates, each a b-bit index into the tier's codebook C [2^b, k], times one
+  scale per row: x'_{[jk, (j+1)k)} = scale_v * C[c_vj].
 
 Rows of one tier are stored in vocabulary order; ``row_bits`` says which tier a row is in.
 
@@ -106,20 +106,20 @@ def _word_table(bits: int, device: Any) -> torch.Tensor:
 
 
 VQ_TAG = 128
-"""``row_bits`` of a row in the vector tier of b-bit indices: VQ_TAG + b (scalar tiers: b)."""
+"""``row_bits`` of a row in vector tier t: VQ_TAG + t (scalar tiers: their bit width)."""
 
 
 class GroupQuantEmbedding(CompressedEmbedding):
     """Rows decoded on the fly from their tier's codes; no V x d matrix is built for a lookup or tied logits.
 
-    Tensors: ``row_bits`` uint8 [V] (the tier of each row: b, or VQ_TAG + b); ``rotation_signs`` uint8
+    Tensors: ``row_bits`` uint8 [V] (the tier of each row: b, or VQ_TAG + t); ``rotation_signs`` uint8
     [ceil(d/8)] (bit j set: sign_j = -1; present when ``rotation_block`` > 0); per bit width b of ``bits`` with
     n_b = ``tier_rows[i]`` > 0 rows: ``codes_b{b}`` uint8 [n_b, ceil(d*b/8)], ``scales_b{b}`` and ``mins_b{b}``
-    float [n_b, ceil(d/group_size)]; per index width b of ``vq_bits`` with n_b = ``vq_rows[i]`` > 0 rows:
-    ``codes_v{b}`` uint8 [n_b, ceil(d/k*b/8)] (d / k indices a row, a big-endian bit stream), ``codebook_v{b}``
-    float [2^b, k] and ``scales_v{b}`` float [n_b, 1].
-    Hyper-parameters: ``bits`` (list), ``tier_rows`` (list, same length), ``vq_bits`` and ``vq_rows`` (lists,
-    optional), ``vq_dim`` (k, dividing d), all rows summing to V; ``group_size``, ``rotation_block`` (B, a power
+    float [n_b, ceil(d/group_size)]; per vector tier t (b = ``vq_bits[t]``, k = ``vq_dims[t]``) with n_t =
+    ``vq_rows[t]`` > 0 rows: ``codes_v{t}`` uint8 [n_t, ceil(d/k*b/8)] (d / k indices a row, a big-endian bit
+    stream), ``codebook_v{t}`` float [2^b, k] and ``scales_v{t}`` float [n_t, 1].
+    Hyper-parameters: ``bits`` (list), ``tier_rows`` (list, same length), ``vq_bits``, ``vq_dims`` (each dividing
+    d) and ``vq_rows`` (lists, optional), all rows summing to V; ``group_size``, ``rotation_block`` (B, a power
     of 2 dividing d; 0: no rotation).
 
     Tied output heads: ``hidden . e_v = (hidden R) . e'_v``, so the hidden states are rotated once and each tier
@@ -141,20 +141,18 @@ class GroupQuantEmbedding(CompressedEmbedding):
         return [(int(b), int(n)) for b, n in zip(self.hparams["bits"], self.hparams["tier_rows"]) if int(n) > 0]
 
     @property
-    def vq_tiers(self) -> list[tuple[int, int]]:
-        """(index bits, rows) of every stored vector tier, in the order of ``vq_bits``."""
-        return [(int(b), int(n)) for b, n in zip(self.hparams.get("vq_bits", []), self.hparams.get("vq_rows", []))
+    def vq_tiers(self) -> list[tuple[int, int, int, int]]:
+        """(tier t, index bits, k, rows) of every stored vector tier, in the order of ``vq_bits``."""
+        bits = self.hparams.get("vq_bits", [])
+        dims = self.hparams.get("vq_dims") or [8] * len(bits)
+        return [(t, int(b), int(k), int(n)) for t, (b, k, n) in enumerate(zip(bits, dims, self.hparams.get("vq_rows", [])))
                 if int(n) > 0]
 
     @property
     def all_tiers(self) -> list[tuple[str, int, int]]:
-        """(name, ``row_bits`` tag, rows) of every stored tier: scalar tiers ("b4"), then vector tiers ("v9"); the
+        """(name, ``row_bits`` tag, rows) of every stored tier: scalar tiers ("b4"), then vector tiers ("v0"); the
         tier-ordered concatenation of rows (tied logits, reconstruct) follows this order."""
-        return ([(f"b{b}", b, n) for b, n in self.tiers] + [(f"v{b}", VQ_TAG + b, n) for b, n in self.vq_tiers])
-
-    @property
-    def vq_dim(self) -> int:
-        return int(self.hparams.get("vq_dim", 8))
+        return [(f"b{b}", b, n) for b, n in self.tiers] + [(f"v{t}", VQ_TAG + t, n) for t, _, _, n in self.vq_tiers]
 
     @property
     def group_size(self) -> int:
@@ -173,9 +171,9 @@ class GroupQuantEmbedding(CompressedEmbedding):
         if sum(n for _, _, n in self.all_tiers) != V:
             raise ValueError(f"tier_rows {self.hparams['tier_rows']} and vq_rows {self.hparams.get('vq_rows', [])} "
                              f"do not sum to V = {V}")
-        k = self.vq_dim
-        if self.vq_tiers and (k < 1 or d % k):
-            raise ValueError(f"vq_dim {k} must divide d = {d}")
+        for t, _, k, _ in self.vq_tiers:
+            if k < 1 or d % k:
+                raise ValueError(f"vq_dims[{t}] = {k} must divide d = {d}")
         B = self.rotation_block
         if B and (B & (B - 1) or d % B):
             raise ValueError(f"rotation_block {B} must be a power of 2 dividing d = {d}")
@@ -186,10 +184,10 @@ class GroupQuantEmbedding(CompressedEmbedding):
             self.register_buffer(f"codes_b{b}", torch.empty(n, (d * b + 7) // 8, dtype=torch.uint8), persistent=True)
             setattr(self, f"scales_b{b}", nn.Parameter(torch.empty(n, G)))
             setattr(self, f"mins_b{b}", nn.Parameter(torch.empty(n, G)))
-        for b, n in self.vq_tiers:
-            self.register_buffer(f"codes_v{b}", torch.empty(n, (d // k * b + 7) // 8, dtype=torch.uint8), persistent=True)
-            setattr(self, f"codebook_v{b}", nn.Parameter(torch.empty(1 << b, k)))
-            setattr(self, f"scales_v{b}", nn.Parameter(torch.empty(n, 1)))
+        for t, b, k, n in self.vq_tiers:
+            self.register_buffer(f"codes_v{t}", torch.empty(n, (d // k * b + 7) // 8, dtype=torch.uint8), persistent=True)
+            setattr(self, f"codebook_v{t}", nn.Parameter(torch.empty(1 << b, k)))
+            setattr(self, f"scales_v{t}", nn.Parameter(torch.empty(n, 1)))
         self._index_key: Any = None
         self._bag_cache: dict[int, Any] = {}
 
@@ -272,14 +270,16 @@ class GroupQuantEmbedding(CompressedEmbedding):
         out = torch.addcmul(mins.unsqueeze(-1), q.unflatten(-1, (G, g)), scales.unsqueeze(-1)).flatten(-2)
         return out if padded else out[..., :d]
 
-    def _vq_indices(self, bits: int, rows: torch.Tensor | slice) -> torch.Tensor:
-        """int64 [n, d / k]: the codebook indices of rows ``rows`` of vector tier ``bits``."""
-        return unpack_codes(getattr(self, f"codes_v{bits}")[rows], bits, self.embedding_dim // self.vq_dim, torch.int64)
+    def _vq_indices(self, t: int, rows: torch.Tensor | slice) -> torch.Tensor:
+        """int64 [n, d / k]: the codebook indices of rows ``rows`` of vector tier t."""
+        codebook = getattr(self, f"codebook_v{t}")
+        bits, k = codebook.shape[0].bit_length() - 1, codebook.shape[1]
+        return unpack_codes(getattr(self, f"codes_v{t}")[rows], bits, self.embedding_dim // k, torch.int64)
 
-    def _decode_vq(self, bits: int, rows: torch.Tensor | slice) -> torch.Tensor:
-        """Rotated rows of vector tier ``bits`` -> float [n, d]: scale_v * C[c_vj] for every sub-vector j."""
-        idx = self._vq_indices(bits, rows)
-        codebook, scales = getattr(self, f"codebook_v{bits}"), getattr(self, f"scales_v{bits}")[rows]
+    def _decode_vq(self, t: int, rows: torch.Tensor | slice) -> torch.Tensor:
+        """Rotated rows of vector tier t -> float [n, d]: scale_v * C[c_vj] for every sub-vector j."""
+        idx = self._vq_indices(t, rows)
+        codebook, scales = getattr(self, f"codebook_v{t}"), getattr(self, f"scales_v{t}")[rows]
         return F.embedding(idx, codebook).flatten(-2) * scales
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -315,11 +315,11 @@ class GroupQuantEmbedding(CompressedEmbedding):
             else:
                 parts += [hp @ self._decode(f"b{b}", slice(i, i + self.logits_chunk), padded=True).T
                           for i in range(0, n, self.logits_chunk)]
-        for b, n in self.vq_tiers:
+        for t, _, _, n in self.vq_tiers:
             if few:
-                parts.append(self._logits_vq_tables(b, hr).to(hr.dtype))
+                parts.append(self._logits_vq_tables(t, hr).to(hr.dtype))
             else:
-                parts += [hr @ self._decode_vq(b, slice(i, i + self.logits_chunk)).T
+                parts += [hr @ self._decode_vq(t, slice(i, i + self.logits_chunk)).T
                           for i in range(0, n, self.logits_chunk)]
         logits = torch.cat(parts, dim=-1).index_select(-1, order)  # tier order -> vocabulary order
         return logits.reshape(*hidden.shape[:-1], self.num_embeddings)
@@ -351,30 +351,30 @@ class GroupQuantEmbedding(CompressedEmbedding):
         out = (dots.unflatten(0, (-1, G)) * scales.unsqueeze(-1)).sum(1)  # [n_b, N]
         return (out + mins @ h.unflatten(-1, (G, g)).sum(-1).T).T
 
-    def _logits_vq_tables(self, bits: int, hr: torch.Tensor) -> torch.Tensor:
-        """Vector tier ``bits`` logits of hr (float [N, d], rotated) -> float32 [N, n_b] from codebook tables:
+    def _logits_vq_tables(self, t: int, hr: torch.Tensor) -> torch.Tensor:
+        """Vector tier t logits of hr (float [N, d], rotated) -> float32 [N, n_t] from codebook tables:
         T_j[c] = h_j . C[c] (h_j the j-th k-coordinate slice of h), logits_v = scale_v sum_j T_j[c_vj]; one
         ``embedding_bag`` sums the d / k table entries of each row: exact, d / k table reads a row."""
-        k, K = self.vq_dim, 1 << bits
-        codebook = getattr(self, f"codebook_v{bits}").float()
-        tables = hr.float().unflatten(-1, (-1, k)) @ codebook.T  # [N, d / k, K]
-        idx, offsets = self._vq_bag_index(bits)
-        dots = F.embedding_bag(idx, bag_weight(tables), offsets, mode="sum")  # [n_b, N]
-        return (dots * getattr(self, f"scales_v{bits}").float()).T
+        codebook = getattr(self, f"codebook_v{t}").float()
+        tables = hr.float().unflatten(-1, (-1, codebook.shape[1])) @ codebook.T  # [N, d / k, K]
+        idx, offsets = self._vq_bag_index(t)
+        dots = F.embedding_bag(idx, bag_weight(tables), offsets, mode="sum")  # [n_t, N]
+        return (dots * getattr(self, f"scales_v{t}").float()).T
 
-    def _vq_bag_index(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``embedding_bag`` input of vector tier ``bits``: int32 [n_b * d / k] (index + 2^bits * its position in
-        the row) and the int32 [n_b] bag offsets. Cached on the codes tensor: 4 bytes per index, 4 d / k bytes a row
+    def _vq_bag_index(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``embedding_bag`` input of vector tier t: int32 [n_t * d / k] (index + K * its position in the row)
+        and the int32 [n_t] bag offsets. Cached on the codes tensor: 4 bytes per index, 4 d / k bytes a row
         (SmolLM2 at k = 8: 288 bytes a row, 1/8 of its dense fp32 row)."""
-        codes = getattr(self, f"codes_v{bits}")
+        codes = getattr(self, f"codes_v{t}")
+        K = getattr(self, f"codebook_v{t}").shape[0]
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
-            idx = self._vq_indices(bits, slice(None)).to(torch.int32)
+            idx = self._vq_indices(t, slice(None)).to(torch.int32)
             n, m = idx.shape
-            idx = idx + torch.arange(m, dtype=torch.int32, device=idx.device) * (1 << bits)
+            idx = idx + torch.arange(m, dtype=torch.int32, device=idx.device) * K
             return idx.reshape(-1), torch.arange(n, dtype=torch.int32, device=idx.device) * m
 
-        return tensor_cache(self._bag_cache, f"v{bits}", codes, build)
+        return tensor_cache(self._bag_cache, f"v{t}", codes, build)
 
     def _bag_index(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``embedding_bag`` input of tier ``bits``: int32 [n_b * nbytes] (code byte + 256 * its position in the

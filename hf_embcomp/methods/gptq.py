@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import typing
 from typing import Any
 
 import torch
@@ -76,11 +77,28 @@ BIT_GRID = (1, 2, 3, 4, 5, 6, 8)
 ROW_CHUNK = 16384
 GROUP_GRID = (128, 256, 512, 1 << 30)
 """Group sizes :meth:`GPTQConfig.from_ratio` tries in turn (the default first; the last: one group a row)."""
-VQ_GRID = (8, 9, 10)
-"""Index widths of the vector tiers :meth:`GPTQConfig.from_ratio` offers (k = 8: 1, 1.125, 1.25 bits a coordinate)."""
-VQ_BELOW_BITS = 3.0
-"""Vector tiers are offered where the budget is under this many bits per weight (ratio > 32 / 3)."""
+VQ_GRID = ((8, 8), (9, 8), (10, 8), (11, 8), (6, 2), (7, 2), (8, 2))
+"""(index bits, k) of the vector tiers :meth:`GPTQConfig.from_ratio` may offer: k = 8 at 1 to 1.375 bits a
+coordinate, k = 2 at 3 to 4."""
+VQ_SPAN = (0.5, 2.0)
+"""A vector tier is offered where its bits a coordinate are within this factor of the budget's bits per weight."""
 VQ_MAX_BITS = 14
+
+
+class Tier(typing.NamedTuple):
+    """One tier of a :class:`GPTQConfig`: ``name`` ("b4": scalar, 4 bits; "v0": vector tier 0), ``bits`` (code or
+    index width), ``dim`` (k of a vector tier; 0: scalar), ``row_bytes`` and ``rows``."""
+
+    name: str
+    bits: int
+    dim: int
+    row_bytes: int
+    rows: int
+
+    @property
+    def label(self) -> str:
+        """"b4" for a scalar tier, "v9x8" for 9-bit indices of 8-dimensional vectors."""
+        return self.name if not self.dim else f"v{self.bits}x{self.dim}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +107,11 @@ class GPTQConfig(MethodConfig):
         bits: the bit widths a row of a scalar tier may get (each stored scalar tier has one).
         tier_rows: rows per entry of ``bits``. :meth:`from_ratio` fills in a data-free split (two adjacent tiers
             meeting the budget); with ``allocation="calibrated"`` the fit replaces it.
-        vq_bits: the index widths of the vector tiers (module docstring, 7): a row of the tier of b bits stores
-            d / ``vq_dim`` b-bit indices into the tier's codebook of 2^b vectors; () for none.
+        vq_bits: the index widths of the vector tiers (module docstring, 7): a row of vector tier j stores
+            d / k_j ``vq_bits[j]``-bit indices into the tier's codebook of 2^b vectors of k_j coordinates; () for
+            none.
+        vq_dims: k_j of every vector tier (each must divide d; None: 8 for all); the (bits, k) pairs are distinct.
         vq_rows: rows per entry of ``vq_bits`` (None: none); all rows of both kinds sum to V.
-        vq_dim: k, the coordinates of one vector (must divide d).
         vq_iters: k-means iterations of each codebook.
         target_bytes: the byte budget of the allocation (from the ratio; None: the bytes of the given rows).
         allocation: ``"calibrated"`` (the fit assigns tiers to rows under ``target_bytes``, module docstring 5)
@@ -113,8 +132,8 @@ class GPTQConfig(MethodConfig):
     bits: tuple = BIT_GRID
     tier_rows: tuple | None = None
     vq_bits: tuple = ()
+    vq_dims: tuple | None = None
     vq_rows: tuple | None = None
-    vq_dim: int = 8
     vq_iters: int = 15
     target_bytes: int | None = None
     group_size: int = 128
@@ -131,11 +150,13 @@ class GPTQConfig(MethodConfig):
             raise ValueError(f"bits must be distinct widths in 1..8 (got {self.bits}).")
         object.__setattr__(self, "bits", bits)
         vq = tuple(int(b) for b in (self.vq_bits if isinstance(self.vq_bits, (list, tuple)) else [self.vq_bits]))
-        if any(not 1 <= b <= VQ_MAX_BITS for b in vq) or len(set(vq)) != len(vq):
-            raise ValueError(f"vq_bits must be distinct index widths in 1..{VQ_MAX_BITS} (got {self.vq_bits}).")
+        dims = (8,) * len(vq) if self.vq_dims is None else tuple(int(k) for k in self.vq_dims)
+        if any(not 1 <= b <= VQ_MAX_BITS for b in vq) or len(dims) != len(vq) or min(dims, default=1) < 1 \
+                or len(set(zip(vq, dims))) != len(vq):
+            raise ValueError(f"vq_bits / vq_dims must be distinct (index width in 1..{VQ_MAX_BITS}, dimension >= 1) "
+                             f"pairs (got {self.vq_bits} / {self.vq_dims}).")
         object.__setattr__(self, "vq_bits", vq)
-        if int(self.vq_dim) < 1:
-            raise ValueError(f"vq_dim must be >= 1 (got {self.vq_dim}).")
+        object.__setattr__(self, "vq_dims", dims)
         for name, widths, given in (("tier_rows", bits, self.tier_rows), ("vq_rows", vq, self.vq_rows)):
             if given is not None:
                 rows = tuple(int(n) for n in given)
@@ -166,43 +187,45 @@ class GPTQConfig(MethodConfig):
         groups = -(-embedding_dim // int(self.group_size))
         return (embedding_dim * bits + 7) // 8 + 2 * groups * self.dtype_bytes
 
-    def vq_row_bytes(self, bits: int, embedding_dim: int) -> int:
-        """Bytes of one row of the vector tier ``bits``: d / k packed ``bits``-bit indices and its scale."""
-        return (embedding_dim // int(self.vq_dim) * bits + 7) // 8 + self.dtype_bytes
+    def vq_row_bytes(self, bits: int, dim: int, embedding_dim: int) -> int:
+        """Bytes of one row of a vector tier: d / ``dim`` packed ``bits``-bit indices and its scale."""
+        return (embedding_dim // dim * bits + 7) // 8 + self.dtype_bytes
 
-    def codebook_bytes(self, bits: int) -> int:
-        """Bytes of the codebook of the vector tier ``bits``: 2^bits vectors of k values."""
-        return (1 << bits) * int(self.vq_dim) * self.dtype_bytes
+    def codebook_bytes(self, bits: int, dim: int) -> int:
+        """Bytes of the codebook of a vector tier: 2^bits vectors of ``dim`` values."""
+        return (1 << bits) * dim * self.dtype_bytes
 
-    def tiers(self, embedding_dim: int) -> list[tuple[str, int, int, int]]:
-        """(name, width, bytes a row, rows) of every configured tier: scalar tiers ("b4") in ``bits`` order, then
-        vector tiers ("v9") in ``vq_bits`` order (the runtime's order)."""
+    def tiers(self, embedding_dim: int) -> list[Tier]:
+        """Every configured tier: scalar tiers ("b4") in ``bits`` order, then vector tiers ("v0", "v1", ...) in
+        ``vq_bits`` order (the runtime's order)."""
         d = embedding_dim
-        return ([(f"b{b}", b, self.row_bytes(b, d), n) for b, n in zip(self.bits, self.tier_rows)]
-                + [(f"v{b}", b, self.vq_row_bytes(b, d), n) for b, n in zip(self.vq_bits, self.vq_rows)])
+        return ([Tier(f"b{b}", b, 0, self.row_bytes(b, d), n) for b, n in zip(self.bits, self.tier_rows)]
+                + [Tier(f"v{j}", b, k, self.vq_row_bytes(b, k, d), n)
+                   for j, (b, k, n) in enumerate(zip(self.vq_bits, self.vq_dims, self.vq_rows))])
 
     def fixed_bytes(self, num_embeddings: int, embedding_dim: int, used_only: bool = False) -> int:
         """Bytes that do not depend on the row allocation: ``row_bits``, the rotation signs and the codebooks (of
         every vector tier; ``used_only``: of those holding rows)."""
-        books = sum(self.codebook_bytes(b) for b, n in zip(self.vq_bits, self.vq_rows) if n or not used_only)
+        books = sum(self.codebook_bytes(b, k) for b, k, n in zip(self.vq_bits, self.vq_dims, self.vq_rows)
+                    if n or not used_only)
         return num_embeddings + ((embedding_dim + 7) // 8 if self.block_for(embedding_dim) else 0) + books
 
     def stored_bytes(self, num_embeddings: int, embedding_dim: int) -> int:
         """Exact bytes of the tiers the row counts describe (a calibrated fit stays within ``target_bytes``)."""
         return self.fixed_bytes(num_embeddings, embedding_dim, used_only=True) + sum(
-            n * rb for _, _, rb, n in self.tiers(embedding_dim))
+            t.row_bytes * t.rows for t in self.tiers(embedding_dim))
 
     def hyperparameters(self) -> dict[str, Any]:
         hp = dataclasses.asdict(self)
-        for key in ("bits", "tier_rows", "vq_bits", "vq_rows"):
+        for key in ("bits", "tier_rows", "vq_bits", "vq_dims", "vq_rows"):
             hp[key] = list(getattr(self, key))
         return hp
 
     @classmethod
     def from_ratio(cls, num_embeddings: int, embedding_dim: int, ratio: float, **overrides: Any) -> "GPTQConfig":
         """The budget V d 4 / ratio and a data-free split of the rows over two tiers adjacent in cost within it.
-        Vector tiers (``vq_bits``, default :data:`VQ_GRID` where d is a multiple of ``vq_dim`` and the budget is
-        under :data:`VQ_BELOW_BITS` bits per weight) join the scalar ones.
+        Vector tiers (``vq_bits`` / ``vq_dims``, default: the (bits, k) pairs of :data:`VQ_GRID` whose k divides d
+        and whose bits a coordinate lie within :data:`VQ_SPAN` of the budget's) join the scalar ones.
 
         Raises:
             RatioError: even every row in the cheapest tier stores too much (the message gives the range).
@@ -211,9 +234,11 @@ class GPTQConfig(MethodConfig):
         V, d = num_embeddings, embedding_dim
         overrides = {k: v for k, v in overrides.items() if k != "target_bytes"}
         if "vq_bits" not in overrides:
-            k = int(overrides.get("vq_dim", 8))
-            use = d % k == 0 and 32.0 / ratio < VQ_BELOW_BITS and overrides.get("tier_rows") is None
-            overrides["vq_bits"] = VQ_GRID if use else ()
+            bpw = 32.0 / ratio
+            grid = [(b, k) for b, k in VQ_GRID if d % k == 0 and VQ_SPAN[0] <= b / k / bpw <= VQ_SPAN[1]]
+            if overrides.get("tier_rows") is not None:
+                grid = []
+            overrides["vq_bits"], overrides["vq_dims"] = tuple(b for b, _ in grid), tuple(k for _, k in grid)
         if "group_size" not in overrides:  # larger groups (fewer scales) where the default cannot reach the ratio
             for g in GROUP_GRID:
                 try:
@@ -230,8 +255,8 @@ class GPTQConfig(MethodConfig):
         full = V * d * 4
         target = int(full // ratio)
         tiers = probe.tiers(d)
-        order = sorted(range(len(tiers)), key=lambda j: tiers[j][2])
-        cost = {j: tiers[j][2] for j in order}
+        order = sorted(range(len(tiers)), key=lambda j: tiers[j].row_bytes)
+        cost = {j: tiers[j].row_bytes for j in order}
         budget = target - probe.fixed_bytes(V, d)
         if budget < V * cost[order[0]]:
             lo = probe.fixed_bytes(V, d) + V * cost[order[0]]
@@ -411,6 +436,14 @@ def row_rms(x: torch.Tensor) -> torch.Tensor:
     return x.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)
 
 
+def nearest(x: torch.Tensor, book: torch.Tensor, chunk: int = 1 << 14) -> torch.Tensor:
+    """int64 [n]: the index of the codeword of book float32 [K, k] nearest to each row of x float32 [n, k]
+    (argmin of ||c||^2 - 2 x . c: one matrix product per ``chunk`` rows)."""
+    norms = book.pow(2).sum(1)
+    return torch.cat([torch.addmm(norms, x[i : i + chunk], book.T, alpha=-2).argmin(1)
+                      for i in range(0, x.shape[0], chunk)])
+
+
 def train_codebook(X: torch.Tensor, bits: int, k: int, iters: int, seed: int, dtype: str,
                    sample: int = 1 << 19, chunk: int = 1 << 15) -> torch.Tensor:
     """Lloyd's k-means codebook float32 [2^bits, k] of the k-coordinate sub-vectors of rows X float32 [n, d]
@@ -428,7 +461,7 @@ def train_codebook(X: torch.Tensor, bits: int, k: int, iters: int, seed: int, dt
         sub = sub.repeat(-(-K // sub.shape[0]), 1)
     C = sub[torch.randperm(sub.shape[0], generator=g)[:K]].clone()
     for _ in range(int(iters)):
-        assign = torch.cat([torch.cdist(sub[i : i + chunk], C).argmin(1) for i in range(0, sub.shape[0], chunk)])
+        assign = nearest(sub, C, chunk)
         count = torch.bincount(assign, minlength=K)
         total = torch.zeros_like(C).index_add_(0, assign, sub)
         empty = count == 0
@@ -444,27 +477,34 @@ def gptvq_rows(W: torch.Tensor, hinv_u: torch.Tensor, codebook: torch.Tensor, k:
 
     With U the upper Cholesky factor of H^-1 (float32 [d, d]) and B the coordinates of sub-vector j, the rounding
     error e_B = w_B - C[c] is measured by (U_BB^T U_BB)^-1, i.e. c = argmin ||U_BB^-T (w_B - C[c])||, and is fed back
-    into the later coordinates F: w_F -= e_B U_BB^-1 U_BF (Algorithm 1 of GPTQ with k columns at a time).
+    into the later coordinates F: w_F -= e_B U_BB^-1 U_BF (Algorithm 1 of GPTQ with k columns at a time, with its
+    lazy batch updates: within a block of >= 128 columns at once, beyond it once per block).
 
     Returns:
         (indices int64 [n, d / k], the rounded rows float32 [n, d]).
     """
     W = W.clone()
     n, d = W.shape
-    m = d // k
-    idx = torch.empty(n, m, dtype=torch.int64)
+    idx = torch.empty(n, d // k, dtype=torch.int64)
     Q = torch.empty_like(W)
-    for j in range(m):
-        a, b = j * k, (j + 1) * k
-        U = hinv_u[a:b, a:b].double()
-        metric = torch.linalg.inv(U.T).float()  # U_BB^-T: distances in its image are the GPTQ error
-        book = codebook @ metric.T
-        wb = W[:, a:b]
-        c = torch.cat([torch.cdist(wb[i : i + chunk] @ metric.T, book).argmin(1) for i in range(0, n, chunk)])
-        idx[:, j] = c
-        Q[:, a:b] = codebook[c]
-        if b < d:
-            W[:, b:] -= (wb - Q[:, a:b]) @ torch.linalg.solve(U, hinv_u[a:b, b:].double()).float()
+    block = k * max(1, 128 // k)
+    for i1 in range(0, d, block):
+        i2 = min(i1 + block, d)
+        W1 = W[:, i1:i2]  # a view: the block's updates land in W
+        E1 = torch.empty_like(W1)
+        for a in range(0, i2 - i1, k):
+            b = a + k
+            U = hinv_u[i1 + a : i1 + b, i1 + a : i1 + b].double()
+            metric = torch.linalg.inv(U.T).float()  # U_BB^-T: distances in its image are the GPTQ error
+            wb = W1[:, a:b]
+            c = nearest(wb @ metric.T, codebook @ metric.T, chunk)
+            idx[:, (i1 + a) // k] = c
+            Q[:, i1 + a : i1 + b] = codebook[c]
+            E1[:, a:b] = ((wb - codebook[c]).double() @ torch.linalg.inv(U)).float()  # e_B U_BB^-1
+            if b < i2 - i1:
+                W1[:, b:] -= E1[:, a:b] @ hinv_u[i1 + a : i1 + b, i1 + b : i2]
+        if i2 < d:
+            W[:, i2:] -= E1 @ hinv_u[i1:i2, i2:]
     return idx, Q
 
 
@@ -535,9 +575,9 @@ class GPTQMethod(CompressionMethod):
     def fit_with_config(self, weight: torch.Tensor, config: GPTQConfig, calibration: Any = None,
                         **context: Any) -> tuple[dict[str, torch.Tensor], GPTQConfig]:
         V, d = weight.shape
-        if config.vq_bits and d % int(config.vq_dim):
-            raise ValueError(f"vq_dim {config.vq_dim} must divide the embedding dimension {d}; pass vq_bits=() "
-                             "or a vq_dim that divides it.")
+        if any(d % k for k in config.vq_dims):
+            raise ValueError(f"vq_dims {list(config.vq_dims)} must divide the embedding dimension {d}; pass "
+                             "vq_bits=() or dimensions that divide it.")
         E = weight.detach().float().cpu()
         H, h_src = hessian(d, calibration)
         block = config.block_for(d)
@@ -553,20 +593,20 @@ class GPTQMethod(CompressionMethod):
             rows_at = self._allocate(fit, config, calibration, V, d)
         else:  # fixed tier sizes: the most important rows get the costliest tiers
             rows_at = self._explicit(config, calibration, V, d)
-        tags = torch.tensor([w if name[0] == "b" else VQ_TAG + w for name, w, _, _ in tiers], dtype=torch.uint8)
+        tags = torch.tensor([t.bits if t.dim == 0 else VQ_TAG + int(t.name[1:]) for t in tiers], dtype=torch.uint8)
         state: dict[str, torch.Tensor] = {"row_bits": tags[rows_at]}
         if block:
             state["rotation_signs"] = pack_bits(neg)
         counts = []
-        for j, (name, w, _, _) in enumerate(tiers):
+        for j, tier in enumerate(tiers):
             ids = torch.nonzero(rows_at == j).flatten()
             counts.append(int(ids.numel()))
             if ids.numel():
-                state.update(fit.final(name, w, ids))
+                state.update(fit.final(tier, ids))
         nb = len(config.bits)
         final = dataclasses.replace(config, tier_rows=tuple(counts[:nb]), vq_rows=tuple(counts[nb:]),
                                     rotation_block=block)
-        per_tier = {name: n for (name, _, _, _), n in zip(tiers, counts)}
+        per_tier = {t.label: n for t, n in zip(tiers, counts)}
         logger.info("gptq: H from %s, rotation block %d, rows per tier %s", h_src, block, per_tier)
         self.fit_notes = {"hessian": h_src, "rotation_block": block, "rows_per_tier": per_tier}
         return state, final
@@ -584,8 +624,8 @@ class GPTQMethod(CompressionMethod):
         tiers = config.tiers(d)
         if len(tiers) == 1:
             return torch.zeros(V, dtype=torch.int64)
-        err = torch.stack([fit.errors(name, w) for name, w, _, _ in tiers], 1)
-        row_bytes = torch.tensor([rb for _, _, rb, _ in tiers], dtype=torch.float64)
+        err = torch.stack([fit.errors(t) for t in tiers], 1)
+        row_bytes = torch.tensor([t.row_bytes for t in tiers], dtype=torch.float64)
         target = config.target_bytes if config.target_bytes is not None else config.stored_bytes(V, d)
         budget = target - config.fixed_bytes(V, d)
         return allocate_bits(err, self._row_weights(config, calibration, V), row_bytes, budget)
@@ -595,11 +635,11 @@ class GPTQMethod(CompressionMethod):
             raise ValueError(f"tier_rows {list(config.tier_rows)} and vq_rows {list(config.vq_rows)} must sum to V = {V}.")
         tiers = config.tiers(d)
         order = torch.argsort(self._row_weights(config, calibration, V), descending=True, stable=True)
-        by_cost = sorted(range(len(tiers)), key=lambda j: -tiers[j][2])
+        by_cost = sorted(range(len(tiers)), key=lambda j: -tiers[j].row_bytes)
         rows_at = torch.empty(V, dtype=torch.int64)
         start = 0
         for j in by_cost:
-            n = tiers[j][3]
+            n = tiers[j].rows
             rows_at[order[start : start + n]] = j
             start += n
         return rows_at
@@ -613,39 +653,39 @@ class _TierFit:
     def __init__(self, Er: torch.Tensor, Hr: torch.Tensor, hinv_u: torch.Tensor, colw: torch.Tensor,
                  config: GPTQConfig) -> None:
         self.Er, self.Hf, self.hinv_u, self.colw, self.config = Er, Hr.float(), hinv_u, colw, config
-        self._vq: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._vq: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def _vq_all(self, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _vq_all(self, tier: Tier) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codebook float32 [2^bits, k], indices int64 [V, d / k], scales [V, 1], H-error float64 [V]) of every row
-        in tier v{bits}: the codebook trained once (on every row, RMS-normalised), then one GPTVQ pass."""
-        if bits not in self._vq:
-            c = self.config
-            book = train_codebook(self.Er / row_rms(self.Er), bits, int(c.vq_dim), c.vq_iters, c.seed, c.dtype)
-            parts = [vq_tier(self.Er[i : i + ROW_CHUNK], self.hinv_u, self.Hf, book, int(self.config.vq_dim),
-                             self.config.dtype) for i in range(0, self.Er.shape[0], ROW_CHUNK)]
-            err = torch.cat([h_error(self.Er[i : i + ROW_CHUNK], p[2], self.Hf)
-                             for i, p in zip(range(0, self.Er.shape[0], ROW_CHUNK), parts)]).double()
-            self._vq[bits] = (book, torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), err)
-        return self._vq[bits]
+        in a vector tier: the codebook trained once (on every row, RMS-normalised), then one GPTVQ pass."""
+        if tier.name not in self._vq:
+            c, Er = self.config, self.Er
+            book = train_codebook(Er / row_rms(Er), tier.bits, tier.dim, c.vq_iters, c.seed, c.dtype)
+            parts = [vq_tier(Er[i : i + ROW_CHUNK], self.hinv_u, self.Hf, book, tier.dim, c.dtype)
+                     for i in range(0, Er.shape[0], ROW_CHUNK)]
+            err = torch.cat([h_error(Er[i : i + ROW_CHUNK], p[2], self.Hf)
+                             for i, p in zip(range(0, Er.shape[0], ROW_CHUNK), parts)]).double()
+            self._vq[tier.name] = (book, torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), err)
+        return self._vq[tier.name]
 
-    def errors(self, name: str, width: int) -> torch.Tensor:
-        """H-error float64 [V] of every row in tier ``name`` (scalar tiers: one GPTQ pass, no refinement)."""
-        if name[0] == "v":
-            return self._vq_all(width)[3]
+    def errors(self, tier: Tier) -> torch.Tensor:
+        """H-error float64 [V] of every row in ``tier`` (scalar tiers: one GPTQ pass, no refinement)."""
+        if tier.dim:
+            return self._vq_all(tier)[3]
         c, out = self.config, []
         for i in range(0, self.Er.shape[0], ROW_CHUNK):
             x = self.Er[i : i + ROW_CHUNK]
-            Q, S, M = gptq_rows(x, self.hinv_u, width, c.group_size, self.colw, c.dtype)
+            Q, S, M = gptq_rows(x, self.hinv_u, tier.bits, c.group_size, self.colw, c.dtype)
             out.append(h_error(x, dequantise(Q, S, M, c.group_size), self.Hf).double())
         return torch.cat(out)
 
-    def final(self, name: str, width: int, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The stored tensors of tier ``name`` holding rows ``ids`` (int64, vocabulary order)."""
-        c = self.config
-        if name[0] == "v":
-            book, idx, scales, _ = self._vq_all(width)
-            return {f"codes_{name}": pack_codes(idx[ids], width), f"codebook_{name}": book, f"scales_{name}": scales[ids]}
-        parts = [refine_rows(self.Er[ids[i : i + ROW_CHUNK]], self.hinv_u, self.Hf, width, c.group_size, self.colw,
+    def final(self, tier: Tier, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored tensors of ``tier`` holding rows ``ids`` (int64, vocabulary order)."""
+        c, name, b = self.config, tier.name, tier.bits
+        if tier.dim:
+            book, idx, scales, _ = self._vq_all(tier)
+            return {f"codes_{name}": pack_codes(idx[ids], b), f"codebook_{name}": book, f"scales_{name}": scales[ids]}
+        parts = [refine_rows(self.Er[ids[i : i + ROW_CHUNK]], self.hinv_u, self.Hf, b, c.group_size, self.colw,
                              c.dtype, int(c.refine)) for i in range(0, ids.numel(), ROW_CHUNK)]
-        return {f"codes_{name}": pack_codes(torch.cat([p[0] for p in parts]), width),
+        return {f"codes_{name}": pack_codes(torch.cat([p[0] for p in parts]), b),
                 f"scales_{name}": torch.cat([p[1] for p in parts]), f"mins_{name}": torch.cat([p[2] for p in parts])}
