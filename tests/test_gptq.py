@@ -243,12 +243,16 @@ def test_vector_tiers_decode_consistently_meet_the_ratio_and_reload(tmp_path):
 
 
 def test_from_ratio_offers_vector_tiers_near_the_budget_and_counts_their_codebooks():
+    from hf_embcomp.methods.gptq import VQ_GRID, VQ_SPAN
     V, d = 49152, 576
-    low = GPTQConfig.from_ratio(V, d, 25)  # 1.28 bits a weight: 8-dimensional vectors, 1 to 1.375 bits
-    assert set(low.vq_dims) == {8} and min(low.vq_bits) == 8
-    mid = GPTQConfig.from_ratio(V, d, 8)  # 4 bits a weight: 2-dimensional vectors, 3 to 4 bits
-    assert set(mid.vq_dims) == {2}
-    assert GPTQConfig.from_ratio(V, 100, 8).vq_bits == (6, 7, 8)  # 8 does not divide 100; 2 does
+    low = GPTQConfig.from_ratio(V, d, 25)  # 1.28 bits a weight: vectors of 8 and 4 coordinates, 1 to 2 bits
+    mid = GPTQConfig.from_ratio(V, d, 8)  # 4 bits a weight: vectors of 4 and 2 coordinates, 2 to 4 bits
+    for cfg, ratio in ((low, 25), (mid, 8)):
+        offered = set(zip(cfg.vq_bits, cfg.vq_dims))
+        near = {(b, k) for b, k in VQ_GRID if VQ_SPAN[0] <= b / k / (32 / ratio) <= VQ_SPAN[1]}
+        assert offered == near and offered
+    assert 8 in low.vq_dims and 2 in mid.vq_dims and 8 not in mid.vq_dims
+    assert set(GPTQConfig.from_ratio(V, 100, 8).vq_dims) == {4, 2}  # 8 does not divide 100
     assert GPTQConfig.from_ratio(V, d, 8, vq_bits=()).vq_bits == ()
     for cfg in (low, mid):  # the data-free split is within the budget, codebooks included
         assert cfg.stored_bytes(V, d) <= cfg.target_bytes
