@@ -77,9 +77,9 @@ BIT_GRID = (1, 2, 3, 4, 5, 6, 8)
 ROW_CHUNK = 16384
 GROUP_GRID = (128, 256, 512, 1 << 30)
 """Group sizes :meth:`GPTQConfig.from_ratio` tries in turn (the default first; the last: one group a row)."""
-VQ_GRID = ((8, 8), (9, 8), (10, 8), (11, 8), (6, 4), (7, 4), (8, 4), (6, 2), (7, 2), (8, 2))
-"""(index bits, k) of the vector tiers :meth:`GPTQConfig.from_ratio` may offer: k = 8 at 1 to 1.375 bits a
-coordinate, k = 4 at 1.5 to 2, k = 2 at 3 to 4 (SmolLM2, H'-error of 4,096 random rows at equal bytes: k = 4 at 8 bits,
+VQ_GRID = ((8, 8), (9, 8), (10, 8), (6, 4), (7, 4), (8, 4), (6, 2), (7, 2), (8, 2))
+"""(index bits, k) of the vector tiers :meth:`GPTQConfig.from_ratio` may offer: k = 8 at 1 to 1.25 bits a
+coordinate, k = 4 at 1.5 to 2, k = 2 at 3 to 4 (no 2^11-entry codebook: its k-means costs twice the 2^10 one's) (SmolLM2, H'-error of 4,096 random rows at equal bytes: k = 4 at 8 bits,
 146 bytes a row, 0.0071 of the row's H'-norm against 0.0090 for 2-bit scalar codes in groups of 128, 164 bytes;
 k = 2 at 7 bits, 254 bytes, 0.0012 against ~0.0018 interpolated between 3 and 4-bit scalar codes)."""
 VQ_SPAN = (0.5, 2.0)
