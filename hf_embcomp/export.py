@@ -181,32 +181,29 @@ def _torch_export(wrapper: torch.nn.Module, example: dict[str, torch.Tensor], na
     )
 
 
-class _WithPastWrapper:
-    """Builds the ``torch.nn.Module`` traced for ``text-generation-with-past`` (a class so that torch is imported
-    lazily): ``(input_ids, attention_mask, position_ids, ((key, value) per layer)) -> (logits, key, value, ...)``."""
+def _make_past_wrapper(model: torch.nn.Module) -> torch.nn.Module:
+    """The module traced for ``text-generation-with-past``: ``(input_ids, attention_mask, position_ids, ((key, value)
+    per layer)) -> (logits, key 0, value 0, key 1, ...)``."""
+    import torch
+    from transformers import DynamicCache
 
-    @staticmethod
-    def build(model: torch.nn.Module) -> torch.nn.Module:
-        import torch
-        from transformers import DynamicCache
+    cache_arg = cache_argument(model)
 
-        class WithPast(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
+    class WithPast(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
 
-            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                        past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...]) -> tuple[torch.Tensor, ...]:
-                # A cache without the config: every layer a plain (full) one, whatever the model's sliding windows
-                # (their attention masks still apply the window), so the graph's present = past + new tokens.
-                cache = DynamicCache(ddp_cache_data=list(past_key_values))
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 **{cache_arg: cache}, use_cache=True, return_dict=True)
-                return (out.logits, *cache_tensors(output_cache(out)))
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                    past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...]) -> tuple[torch.Tensor, ...]:
+            # A cache without the config: every layer a plain (full) one, whatever the model's sliding windows
+            # (their attention masks still apply the window), so the graph's present = past + new tokens.
+            cache = DynamicCache(ddp_cache_data=list(past_key_values))
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             **{cache_arg: cache}, use_cache=True, return_dict=True)
+            return (out.logits, *cache_tensors(output_cache(out)))
 
-        cache_arg = cache_argument(model)
-
-        return WithPast().eval()
+    return WithPast().eval()
 
 
 def cache_argument(model: torch.nn.Module) -> str:
@@ -265,14 +262,14 @@ def _torch_export_with_past(model: torch.nn.Module, opset: int) -> tuple[Any, li
     with warnings.catch_warnings():  # one per cache tensor: "The axis name: batch_size will not be used, since it
         warnings.filterwarnings("ignore", message="# The axis name")  # shares ... batch_size" (the same name)
         program = torch.onnx.export(
-            _WithPastWrapper.build(model), (ids[:, past:].contiguous(), mask, pos, pairs), input_names=names,
+            _make_past_wrapper(model), (ids[:, past:].contiguous(), mask, pos, pairs), input_names=names,
             output_names=outputs, dynamic_shapes=dynamic, opset_version=opset, dynamo=True, external_data=False,
             optimize=False,
         )
     return program, names
 
 
-def ort_greedy_generate(path: str | os.PathLike, input_ids: Any, max_new_tokens: int) -> Any:
+def ort_greedy_generate(path: str | os.PathLike, input_ids: Any, max_new_tokens: int) -> tuple[Any, Any]:
     """Greedy decoding with a ``text-generation-with-past`` ONNX file in onnxruntime (CPU), reusing the cache.
 
     Args:
