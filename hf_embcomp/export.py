@@ -10,8 +10,16 @@ is about as small as ``model.safetensors``; a stock export stores the dense V x 
 Inputs and outputs follow optimum's ONNX names: ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where
 the backbone takes them), int64 [batch_size, sequence_length]; output ``last_hidden_state`` float
 [batch_size, sequence_length, d] (``feature-extraction``) or ``logits`` ([batch_size, num_labels] for
-``text-classification``, [batch_size, sequence_length, V] for ``text-generation``). Causal LMs are exported
-without a key/value cache (every step re-reads the whole sequence); see the README, "Deploy".
+``text-classification``, [batch_size, sequence_length, V] for ``text-generation``).
+
+``text-generation-with-past`` (the default for a causal LM, as in optimum) adds the key/value cache, named as optimum
+names it so that ``optimum.onnxruntime.ORTModelForCausalLM`` runs it: inputs ``input_ids`` and ``position_ids``
+int64 [batch_size, sequence_length], ``attention_mask`` int64 [batch_size, past_sequence_length + sequence_length],
+``past_key_values.{i}.key`` / ``.value`` float [batch_size, num_key_value_heads, past_sequence_length, head_dim] for
+every layer i (past_sequence_length 0 on the first step); outputs ``logits`` float [batch_size, sequence_length, V]
+and ``present.{i}.key`` / ``.value`` float [batch_size, num_key_value_heads, past_sequence_length + sequence_length,
+head_dim]. :func:`ort_greedy_generate` decodes with it in plain onnxruntime. ``text-generation`` is the graph without
+a cache (every step re-reads the whole sequence).
 
 Out-of-range token ids are not checked inside the graph (eager mode raises IndexError).
 """
@@ -22,6 +30,7 @@ import argparse
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,11 +43,14 @@ TASKS = {
     "feature-extraction": ("AutoModel", "last_hidden_state"),
     "text-classification": ("AutoModelForSequenceClassification", "logits"),
     "text-generation": ("AutoModelForCausalLM", "logits"),
+    "text-generation-with-past": ("AutoModelForCausalLM", "logits"),
 }
-"""Exportable tasks: the Auto class the model is loaded with, and the graph's output name."""
+"""Exportable tasks: the Auto class the model is loaded with, and the graph's (first) output name."""
+
+WITH_PAST = "text-generation-with-past"
 
 _ARCH_TASKS = {
-    "EmbCompForCausalLM": "text-generation",
+    "EmbCompForCausalLM": WITH_PAST,
     "EmbCompForSequenceClassification": "text-classification",
 }
 
@@ -54,7 +66,8 @@ class ExportError(ValueError):
 
 def default_task(config: Any) -> str:
     """The task a compressed config exports for by default: from its ``architectures`` (causal LM ->
-    ``text-generation``, sequence classification -> ``text-classification``), else ``feature-extraction``."""
+    ``text-generation-with-past``, sequence classification -> ``text-classification``), else
+    ``feature-extraction``."""
     for arch in getattr(config, "architectures", None) or []:
         if arch in _ARCH_TASKS:
             return _ARCH_TASKS[arch]
@@ -130,17 +143,19 @@ def export_model_onnx(model: torch.nn.Module, path: str | os.PathLike, task: str
 
     if task not in TASKS:
         raise ExportError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}.")
-    names = model_input_names(model)
-    wrapper = _make_wrapper(model, task, names)
-    example = sample_inputs(names, int(model.config.vocab_size))
-    out_name = TASKS[task][1]
     # torch.export's structured trace log ("torch.__trace") propagates DEBUG records to the root logger: under a
     # root handler (the CLI's, pytest's) every graph is formatted as text, which multiplies the export time.
     trace_log = logging.getLogger("torch.__trace")
     propagate, trace_log.propagate = trace_log.propagate, False
     try:
         with torch.no_grad():
-            program = _torch_export(wrapper, example, names, out_name, opset)
+            if task == WITH_PAST:
+                program, names = _torch_export_with_past(model, opset)
+            else:
+                names = model_input_names(model)
+                wrapper = _make_wrapper(model, task, names)
+                example = sample_inputs(names, int(model.config.vocab_size))
+                program = _torch_export(wrapper, example, names, TASKS[task][1], opset)
     finally:
         trace_log.propagate = propagate
     # torch's own optimize() folds every op whose inputs are initializers below 8192 elements; folding the
@@ -164,6 +179,135 @@ def _torch_export(wrapper: torch.nn.Module, example: dict[str, torch.Tensor], na
         dynamic_shapes={n: {0: batch, 1: seq} for n in names}, opset_version=opset, dynamo=True,
         external_data=False, optimize=False,
     )
+
+
+def _make_past_wrapper(model: torch.nn.Module) -> torch.nn.Module:
+    """The module traced for ``text-generation-with-past``: ``(input_ids, attention_mask, position_ids, ((key, value)
+    per layer)) -> (logits, key 0, value 0, key 1, ...)``."""
+    import torch
+    from transformers import DynamicCache
+
+    cache_arg = cache_argument(model)
+
+    class WithPast(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                    past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...]) -> tuple[torch.Tensor, ...]:
+            # A cache without the config: every layer a plain (full) one, whatever the model's sliding windows
+            # (their attention masks still apply the window), so the graph's present = past + new tokens.
+            cache = DynamicCache(ddp_cache_data=list(past_key_values))
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             **{cache_arg: cache}, use_cache=True, return_dict=True)
+            return (out.logits, *cache_tensors(output_cache(out)))
+
+    return WithPast().eval()
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The keyword a model's forward takes its key/value cache by: ``cache`` (transformers >= 5.24) or
+    ``past_key_values`` (earlier)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(output: Any) -> Any:
+    """The key/value cache of a model output: ``output.cache`` (transformers >= 5.24), else ``past_key_values``."""
+    cache = getattr(output, "cache", None)
+    return output.past_key_values if cache is None else cache
+
+
+def cache_tensors(cache: Any) -> list[torch.Tensor]:
+    """The tensors of a transformers cache in optimum's order: key 0, value 0, key 1, value 1, ...; each float
+    [batch, num_key_value_heads, length, head_dim]."""
+    out = []
+    for layer in cache.layers:
+        out += [layer.keys, layer.values]
+    return out
+
+
+def past_names(num_layers: int, prefix: str = "past_key_values") -> list[str]:
+    """optimum's cache names: ``{prefix}.{i}.key``, ``{prefix}.{i}.value`` for i < ``num_layers`` (``prefix``
+    ``present`` for the outputs)."""
+    return [f"{prefix}.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def _torch_export_with_past(model: torch.nn.Module, opset: int) -> tuple[Any, list[str]]:
+    """Trace the with-past graph (module docstring). The example has a past of 3 tokens, 2 new ones and batch 2,
+    so no axis is specialised to 0 or 1; the graph runs with any past length, 0 included."""
+    import torch
+
+    batch, past, seq = 2, 3, 2
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, int(model.config.vocab_size), (batch, past + seq), generator=g)
+    kv = cache_tensors(output_cache(model(input_ids=ids[:, :past], use_cache=True, return_dict=True)))
+    if not kv:
+        raise ExportError(f"{type(model).__name__} returned no key/value cache; export it with --task text-generation.")
+    pairs = tuple((kv[i], kv[i + 1]) for i in range(0, len(kv), 2))
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    n = len(pairs)
+    names = ["input_ids", "attention_mask", "position_ids", *past_names(n)]
+    outputs = ["logits", *past_names(n, "present")]
+    # Axis names as optimum writes them; torch.onnx makes each named axis dynamic and infers the relations (the
+    # mask's length is past + new tokens).
+    b, s, p, total = "batch_size", "sequence_length", "past_sequence_length", "past_sequence_length + sequence_length"
+    dynamic = {
+        "input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: total}, "position_ids": {0: b, 1: s},
+        "past_key_values": tuple(({0: b, 2: p}, {0: b, 2: p}) for _ in pairs),
+    }
+    with warnings.catch_warnings():  # one per cache tensor: "The axis name: batch_size will not be used, since it
+        warnings.filterwarnings("ignore", message="# The axis name")  # shares ... batch_size" (the same name)
+        program = torch.onnx.export(
+            _make_past_wrapper(model), (ids[:, past:].contiguous(), mask, pos, pairs), input_names=names,
+            output_names=outputs, dynamic_shapes=dynamic, opset_version=opset, dynamo=True, external_data=False,
+            optimize=False,
+        )
+    return program, names
+
+
+def ort_greedy_generate(path: str | os.PathLike, input_ids: Any, max_new_tokens: int) -> tuple[Any, Any]:
+    """Greedy decoding with a ``text-generation-with-past`` ONNX file in onnxruntime (CPU), reusing the cache.
+
+    Args:
+        path: the ``model.onnx`` of :func:`export_onnx` with that task.
+        input_ids: int64 [batch, prompt_len] (numpy-convertible), no padding.
+        max_new_tokens: tokens to generate (no stop token).
+
+    Returns:
+        ``(new_ids, logits)``: int64 numpy [batch, max_new_tokens], and float32 [batch, prompt_len + max_new_tokens
+        - 1, V], the logits of every position fed (the prompt's in one step, then one token a step from the cache).
+
+    Raises:
+        ExportError: the file has no ``past_key_values`` inputs.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ins = {i.name: i for i in sess.get_inputs()}
+    keys = [n for n in ins if n.startswith("past_key_values.")]
+    if not keys:
+        raise ExportError(f"{path} has no past_key_values inputs; export it with --task {WITH_PAST}.")
+    ids = np.asarray(input_ids, dtype=np.int64)
+    batch = ids.shape[0]
+    shape0 = ins[keys[0]].shape  # [batch_size, heads, past_sequence_length, head_dim]
+    feed = {n: np.zeros((batch, int(shape0[1]), 0, int(shape0[3])), dtype=np.float32) for n in keys}
+    step, past, new, logits = ids, 0, [], []
+    for _ in range(max_new_tokens):
+        seq = step.shape[1]
+        feed.update(input_ids=step, attention_mask=np.ones((batch, past + seq), dtype=np.int64),
+                    position_ids=np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), (batch, seq)).copy())
+        out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+        logits.append(out["logits"])
+        step = out["logits"][:, -1].argmax(-1).astype(np.int64)[:, None]
+        new.append(step)
+        feed.update({n: out["present" + n[len("past_key_values"):]] for n in keys})
+        past += seq
+    return np.concatenate(new, axis=1), np.concatenate(logits, axis=1)
 
 
 def ort_outputs(path: str | os.PathLike, inputs: dict[str, Any]) -> Any:
@@ -204,7 +348,8 @@ def export_onnx(model_dir: str | os.PathLike, output: str | os.PathLike, *, task
     Returns:
         The export report (also written to ``export_report.json``): ``task``, ``inputs``, ``output``,
         ``onnx_bytes`` (size of ``model.onnx``), ``safetensors_bytes`` (of ``model_dir``),
-        ``initializers`` (count and bytes per dtype) and, with ``check``, ``ort_max_abs_diff``.
+        ``initializers`` (count and bytes per dtype) and, with ``check``, ``ort_max_abs_diff`` (and, with the cache,
+        ``ort_greedy_equal``: :func:`compare_with_past`).
 
     Raises:
         ExportError: ``model_dir`` is not a compressed repository, or the task is unknown or has no head.
@@ -248,7 +393,9 @@ def export_onnx(model_dir: str | os.PathLike, output: str | os.PathLike, *, task
             "initializers": initializer_summary(tmp / "model.onnx"),
             "files": ["model.onnx", "config.json", *copied],
         }
-        if check:
+        if check and task == WITH_PAST:
+            report["ort_max_abs_diff"], report["ort_greedy_equal"] = compare_with_past(model, tmp / "model.onnx")
+        elif check:
             report["ort_max_abs_diff"] = compare_with_torch(model, tmp / "model.onnx", task, names)
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -260,12 +407,42 @@ def compare_with_torch(model: torch.nn.Module, path: str | os.PathLike, task: st
     :func:`sample_inputs` of another shape than the traced one, so the dynamic axes are exercised)."""
     import torch
 
+    if task == WITH_PAST:
+        return compare_with_past(model, path)[0]
     inputs = inputs or sample_inputs(input_names, int(model.config.vocab_size), batch=3, seq=11, seed=1)
     wrapper = _make_wrapper(model, task, input_names)
     with torch.no_grad():
         ref = wrapper(*(inputs[n] for n in input_names)).float().numpy()
     got = ort_outputs(path, {n: inputs[n].numpy() for n in input_names})
     return float(abs(got - ref).max())
+
+
+def compare_with_past(model: torch.nn.Module, path: str | os.PathLike, input_ids: torch.Tensor | None = None,
+                      max_new_tokens: int = 4) -> tuple[float, bool]:
+    """Greedy decoding with the cache in onnxruntime (:func:`ort_greedy_generate`) vs torch.
+
+    Args:
+        model: the causal LM that was exported (eval mode).
+        path: its ``text-generation-with-past`` ONNX file.
+        input_ids: int64 [batch, prompt_len] prompts without padding (default: 2 random ones of 7 tokens).
+        max_new_tokens: tokens to generate.
+
+    Returns:
+        ``(max_abs_diff, same_tokens)``: the largest difference between the ONNX logits of every fed position
+        (prompt, then one token a step from the cache) and torch's logits of the whole sequence in one forward, and
+        whether the greedy tokens equal ``model.generate(do_sample=False)``'s.
+    """
+    import torch
+
+    if input_ids is None:
+        g = torch.Generator().manual_seed(1)
+        input_ids = torch.randint(0, int(model.config.vocab_size), (2, 7), generator=g)
+    new, got = ort_greedy_generate(path, input_ids.numpy(), max_new_tokens)
+    with torch.no_grad():
+        ref = model(input_ids=torch.cat([input_ids, torch.from_numpy(new)], 1)[:, :-1]).logits.float().numpy()
+        gen = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens, do_sample=False)[:, input_ids.shape[1]:].numpy()
+    return float(abs(got - ref).max()), bool((gen == new).all())
 
 
 def initializer_summary(path: str | os.PathLike) -> dict[str, dict[str, int]]:
@@ -295,14 +472,22 @@ def cmd_export(args: argparse.Namespace) -> int:
                       check=not args.no_check)
     lines = [
         f"hf-embcomp export onnx: {args.model} -> {args.output}",
-        f"  task              {rep['task']}  (inputs {', '.join(rep['inputs'])}; output {rep['output']})",
+        f"  task              {rep['task']}  (inputs {_names_summary(rep['inputs'])}; output {rep['output']})",
         f"  model.onnx        {rep['onnx_bytes']:,} bytes  (model.safetensors {rep['safetensors_bytes']:,})",
         "  initializers      " + ", ".join(f"{k} {v['count']} ({v['bytes']:,} B)" for k, v in rep["initializers"].items()),
     ]
     if "ort_max_abs_diff" in rep:
         lines.append(f"  onnxruntime       max abs diff to torch {rep['ort_max_abs_diff']:.2e}")
+    if "ort_greedy_equal" in rep:
+        lines.append(f"  greedy decoding   with the cache {'equals' if rep['ort_greedy_equal'] else 'DIFFERS from'} torch's")
     print("\n".join(lines))
     return 0
+
+
+def _names_summary(names: list[str]) -> str:
+    plain = [n for n in names if not n.startswith("past_key_values.")]
+    layers = (len(names) - len(plain)) // 2
+    return ", ".join(plain + ([f"past_key_values.{{0..{layers - 1}}}.key/value"] if layers else []))
 
 
 def register(subparsers: Any) -> None:
@@ -314,13 +499,14 @@ def register(subparsers: Any) -> None:
     o.add_argument("model", help="compressed model folder (from hf-embcomp compress)")
     o.add_argument("output", help="output folder (model.onnx, config.json, tokenizer files, export_report.json)")
     o.add_argument("--task", choices=sorted(TASKS), default=None,
-                   help="default: text-generation for a causal LM, text-classification for a sequence classifier, "
-                        "else feature-extraction")
+                   help=f"default: {WITH_PAST} (key/value cache, optimum's names) for a causal LM, "
+                        "text-classification for a sequence classifier, else feature-extraction")
     o.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     o.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     o.add_argument("--no-check", action="store_true", help="skip the onnxruntime vs torch comparison")
     o.set_defaults(func=cmd_export)
 
 
-__all__ = ["TASKS", "ExportError", "compare_with_torch", "default_task", "export_model_onnx", "export_onnx",
-           "initializer_summary", "ort_outputs", "register", "sample_inputs"]
+__all__ = ["TASKS", "WITH_PAST", "ExportError", "cache_argument", "cache_tensors", "compare_with_past",
+           "compare_with_torch", "default_task", "export_model_onnx", "export_onnx", "initializer_summary",
+           "ort_greedy_generate", "ort_outputs", "output_cache", "past_names", "register", "sample_inputs"]

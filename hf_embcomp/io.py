@@ -207,7 +207,23 @@ def side_files(folder: Path | None, tokenizer: Any = None) -> dict[str, bytes]:
             for p in Path(tmp).rglob("*"):
                 if p.is_file():
                     files[p.relative_to(tmp).as_posix()] = p.read_bytes()
+    if "tokenizer_config.json" in files:
+        files["tokenizer_config.json"] = _portable_tokenizer_config(files["tokenizer_config.json"])
     return files
+
+
+def _portable_tokenizer_config(data: bytes) -> bytes:
+    """``tokenizer_config.json`` with v5's generic ``"tokenizer_class": "TokenizersBackend"`` written as
+    ``"PreTrainedTokenizerFast"``: the same class in transformers v5 (an alias), and the one 4.x knows (the runtime
+    loads under 4.57, e.g. for optimum-onnx). Anything else is returned unchanged."""
+    try:
+        cfg = json.loads(data)
+    except ValueError:
+        return data
+    if not isinstance(cfg, dict) or cfg.get("tokenizer_class") != "TokenizersBackend":
+        return data
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    return (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode()
 
 
 def attach_side_files(model: PreTrainedModel, files: dict[str, bytes]) -> None:

@@ -11,9 +11,20 @@ import torch
 import transformers
 
 import hf_embcomp
-from hf_embcomp.export import FOLD_LIMIT, ExportError, export_model_onnx, export_onnx, initializer_summary, ort_outputs, sample_inputs
+from hf_embcomp.export import (
+    FOLD_LIMIT,
+    WITH_PAST,
+    ExportError,
+    compare_with_past,
+    export_model_onnx,
+    export_onnx,
+    initializer_summary,
+    ort_outputs,
+    past_names,
+    sample_inputs,
+)
 from hf_embcomp.hub_code.embcomp_base import is_exporting
-from tests.support.tiny import V, tiny_model
+from tests.support.tiny import ARCHS, V, tiny_model
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -61,6 +72,47 @@ def test_causal_lm_exports_compressed_and_matches_torch(tmp_path, method):
     assert got.shape == ref.shape
     assert float(np.abs(got - ref).max()) < 1e-4
     assert not is_exporting()  # nothing leaks out of the trace
+
+
+def _dims(value_info):
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def test_causal_lm_with_past_default_export(tmp_path):
+    """A causal LM exports with the key/value cache by default, in optimum's names and axes; onnxruntime greedy
+    decoding from an empty cache gives torch's logits at every position and torch's tokens."""
+    comp = _compress(tiny_model("llama"), "gptq")
+    hf_embcomp.save_compressed(comp, tmp_path / "m")
+    rep = export_onnx(tmp_path / "m", tmp_path / "onnx")
+    n = comp.config.num_hidden_layers
+    assert rep["task"] == WITH_PAST and rep["inputs"] == ["input_ids", "attention_mask", "position_ids", *past_names(n)]
+    assert rep["ort_max_abs_diff"] < 1e-4 and rep["ort_greedy_equal"] is True
+    path = tmp_path / "onnx" / "model.onnx"
+    _check_compressed_graph(path, comp)
+    graph = onnx.load(str(path)).graph
+    ins, outs = {i.name: _dims(i) for i in graph.input}, {o.name: _dims(o) for o in graph.output}
+    total = "past_sequence_length + sequence_length"
+    assert ins["attention_mask"] == ["batch_size", total] and ins["position_ids"] == ["batch_size", "sequence_length"]
+    assert ins["past_key_values.0.key"][::2] == ["batch_size", "past_sequence_length"]
+    assert list(outs) == ["logits", *past_names(n, "present")] and outs["present.1.value"][::2] == ["batch_size", total]
+    assert json.loads((tmp_path / "onnx" / "config.json").read_text())["model_type"] == "llama"
+    # another batch and prompt length than the traced ones, 12 steps from the cache
+    ids = torch.randint(4, V, (3, 5), generator=torch.Generator().manual_seed(2))
+    diff, same = compare_with_past(comp, path, ids, max_new_tokens=12)
+    assert diff < 1e-4 and same
+
+
+def test_sliding_window_with_past(tmp_path):
+    """Gemma3 with a sliding window shorter than the sequence: the graph keeps the full cache and the mask applies
+    the window, so decoding past the window still matches torch (whose own cache drops old tokens)."""
+    kw = ARCHS["gemma3_text"][1]
+    torch.manual_seed(0)
+    stock = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(vocab_size=V, **{**kw, "sliding_window": 3}))
+    comp = _compress(stock.eval(), "svd")
+    export_model_onnx(comp, tmp_path / "model.onnx", WITH_PAST)
+    ids = torch.randint(4, V, (2, 6), generator=torch.Generator().manual_seed(1))
+    diff, same = compare_with_past(comp, tmp_path / "model.onnx", ids, max_new_tokens=8)
+    assert diff < 1e-4 and same
 
 
 def test_stock_export_is_bigger(tmp_path):

@@ -13,6 +13,7 @@ stock attribute, property and default keeps working (``isinstance(config, BertCo
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Any
 
@@ -49,7 +50,7 @@ class EmbCompConfig(PretrainedConfig):
                 )
             validate_compression_block(config_dict.get("embedding_compression"))
             return embcomp_config_class(bmt).from_dict(config_dict, **kwargs)
-        return super().from_dict(config_dict, **kwargs)
+        return super().from_dict(legacy_rope_fields(config_dict, CONFIG_MAPPING[cls._embcomp_backbone]), **kwargs)
 
     @classmethod
     def from_backbone_config(cls, stock_config: PretrainedConfig, compression: dict[str, Any]) -> "EmbCompConfig":
@@ -63,12 +64,66 @@ class EmbCompConfig(PretrainedConfig):
         validate_compression_block(d["embedding_compression"])
         return embcomp_config_class(bmt).from_dict(d)
 
+    @property
+    def export_model_type(self) -> str:
+        """The stock ``model_type`` an exporter should use for this model: the backbone's (``"bert"``, ...).
+
+        optimum's ONNX exporter reads ``config.export_model_type`` before ``model_type``, so ``optimum-cli export
+        onnx --trust-remote-code`` picks the backbone's stock ONNX config; the model's forward takes the stock
+        inputs and returns the stock outputs. Not serialised (a property).
+        """
+        return self.backbone_model_type
+
     def to_backbone_config(self) -> PretrainedConfig:
         """Return the stock config of the backbone (no compression fields, stock ``model_type``)."""
         d = self.to_dict()
         for k in _STOCK_DROP_KEYS + _EMBCOMP_KEYS:
             d.pop(k, None)
         return CONFIG_MAPPING[self.backbone_model_type].from_dict(d)
+
+
+def _init_accepts(config_class: type, name: str) -> bool:
+    return name in inspect.signature(config_class.__init__).parameters
+
+
+def legacy_rope_fields(config_dict: dict[str, Any], stock_config_class: type) -> dict[str, Any]:
+    """``config_dict`` with the RoPE fields a transformers 4.x config reads, when ``stock_config_class`` is one.
+
+    transformers v5 writes the rotary embedding as ``rope_parameters`` (one dict, or one per layer type for Gemma3:
+    ``{"full_attention": ..., "sliding_attention": ...}``); 4.x configs take ``rope_theta``, ``rope_scaling`` (a
+    non-default ``rope_type``), ``partial_rotary_factor`` and Gemma3's ``rope_local_base_freq``, and would silently
+    fall back to their defaults (SmolLM2: rope_theta 10,000 instead of 100,000). Returns the dict unchanged (the
+    same object) for a v5 config class, a config without ``rope_parameters``, or one that already has the 4.x
+    fields.
+
+    Raises:
+        ValueError: a ``rope_parameters`` layout that transformers 4.x cannot express.
+    """
+    rope = config_dict.get("rope_parameters")
+    if (not isinstance(rope, dict) or _init_accepts(stock_config_class, "rope_parameters")
+            or not _init_accepts(stock_config_class, "rope_theta")):
+        return config_dict
+    if "rope_theta" in rope or "rope_type" in rope:
+        full, local = rope, None
+    elif set(rope) <= {"full_attention", "sliding_attention"}:
+        full, local = rope.get("full_attention") or {}, rope.get("sliding_attention")
+    else:
+        raise ValueError(f"rope_parameters with keys {sorted(rope)} cannot be read by transformers 4.x; "
+                         "upgrade transformers to 5.x.")
+    d = dict(config_dict)
+    if "rope_theta" in full:
+        d.setdefault("rope_theta", full["rope_theta"])
+    if "partial_rotary_factor" in full:
+        d.setdefault("partial_rotary_factor", full["partial_rotary_factor"])
+    if full.get("rope_type", "default") != "default":
+        d.setdefault("rope_scaling", {k: v for k, v in full.items() if k not in ("rope_theta", "partial_rotary_factor")})
+    if local is not None:
+        if local.get("rope_type", "default") != "default" or not _init_accepts(stock_config_class, "rope_local_base_freq"):
+            raise ValueError("per-layer-type rope_parameters with a scaled local RoPE cannot be read by "
+                             "transformers 4.x; upgrade transformers to 5.x.")
+        if "rope_theta" in local:
+            d.setdefault("rope_local_base_freq", local["rope_theta"])
+    return d
 
 
 _REQUIRED_FIELDS = ("format_version", "method", "num_embeddings", "embedding_dim")

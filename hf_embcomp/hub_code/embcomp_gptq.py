@@ -228,7 +228,7 @@ class GroupQuantEmbedding(CompressedEmbedding):
             if check and int(hit.sum()) != n:
                 raise ValueError(f"row_bits has {int(hit.sum())} rows in tier {name}, the config says {n}: the "
                                  "checkpoint does not match its config.json.")
-            pos = torch.where(hit, torch.cumsum(hit, 0) - 1, pos)
+            pos = torch.where(hit, torch.cumsum(hit.to(torch.int64), 0) - 1, pos)  # int: ONNX CumSum takes no bool
             start = torch.where(hit, torch.full_like(pos, offset), start)
             offset += n
         return pos, start + pos

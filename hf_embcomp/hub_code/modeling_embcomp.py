@@ -44,10 +44,57 @@ from .embcomp_gptq import GroupQuantEmbedding  # noqa: E402,F401
 from .embcomp_lighttoken import LightTokenEmbedding  # noqa: E402,F401
 from .embcomp_svd import LowRankEmbedding  # noqa: E402,F401
 
-MIN_TRANSFORMERS_VERSION = "5.20"
-"""The oldest transformers this runtime supports (it relies on the v5 tie and init API); the model card states it."""
+MIN_TRANSFORMERS_VERSION = "4.57"
+"""The oldest transformers this runtime supports; the model card states it. The v5 tie and init API is used where
+it exists, the 4.57 one (``_tied_weights_keys`` lists, ``get_output_embeddings`` ties, per-tensor
+``_is_hf_initialized`` flags) otherwise: see :func:`declared_ties` and :func:`guarded_init`."""
 
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
+def declared_ties(model: PreTrainedModel) -> dict[str, str]:
+    """The weight ties ``model`` itself declares (not those of its sub-models), ``{target: source}`` parameter names
+    relative to ``model``, e.g. ``{"lm_head.weight": "model.embed_tokens.weight"}``.
+
+    transformers >= 5: ``get_expanded_tied_weights_keys``. transformers 4.x (no such method): the output embedding
+    tied to the input embedding when the text config's ``tie_word_embeddings`` is true (what 4.x ``tie_weights``
+    does); its ``_tied_weights_keys`` is only a list of targets.
+    """
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)
+    if expand is not None:
+        return expand(all_submodels=False)
+    if not getattr(model.config.get_text_config(decoder=True), "tie_word_embeddings", True):
+        return {}
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or inp is None or out is inp:
+        return {}
+    names = {id(m): n for n, m in model.named_modules()}
+    if id(out) not in names or id(inp) not in names:
+        return {}
+    return {f"{names[id(out)]}.weight": f"{names[id(inp)]}.weight"}
+
+
+class _GuardedTorchInit:
+    """``torch.nn.init`` functions that skip a tensor flagged ``_is_hf_initialized`` (loaded from the checkpoint):
+    the role of ``transformers.initialization`` for transformers 4.x, which sets the same flags before init."""
+
+    @staticmethod
+    def normal_(t: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+        return t if getattr(t, "_is_hf_initialized", False) else nn.init.normal_(t, mean=mean, std=std)
+
+    @staticmethod
+    def zeros_(t: torch.Tensor) -> torch.Tensor:
+        return t if getattr(t, "_is_hf_initialized", False) else nn.init.zeros_(t)
+
+
+def guarded_init() -> Any:
+    """The init functions (``normal_``, ``zeros_``) that leave loaded tensors alone: ``transformers.initialization``
+    (transformers >= 5), else :class:`_GuardedTorchInit`."""
+    try:
+        from transformers import initialization
+    except ImportError:  # transformers 4.x
+        return _GuardedTorchInit
+    return initialization
 
 
 @contextlib.contextmanager
@@ -152,7 +199,7 @@ class EmbCompPreTrainedModel(PreTrainedModel):
         ties: dict[str, dict[str, str]] = {}
         for prefix, sub in self.named_modules(remove_duplicate=False):
             if isinstance(sub, PreTrainedModel) and prefix not in ties:
-                ties[prefix] = sub.get_expanded_tied_weights_keys(all_submodels=False)
+                ties[prefix] = declared_ties(sub)
         emb_keys = {f"{n}.weight" for n in emb_names}
         out_names: list[str] = []
         for prefix, mapping in ties.items():
@@ -175,9 +222,13 @@ class EmbCompPreTrainedModel(PreTrainedModel):
             pre = f"{prefix}." if prefix else ""
             if any(pre + t in removed or pre + s in removed for t, s in mapping.items()):
                 sub = self.get_submodule(prefix) if prefix else self
-                sub._tied_weights_keys = {
-                    t: s for t, s in mapping.items() if pre + t not in removed and pre + s not in removed
-                }
+                declared = getattr(sub, "_tied_weights_keys", None)
+                if isinstance(declared, (list, tuple)):  # transformers 4.x: a list of tied target names
+                    sub._tied_weights_keys = [k for k in declared if pre + k not in removed]
+                else:
+                    sub._tied_weights_keys = {
+                        t: s for t, s in mapping.items() if pre + t not in removed and pre + s not in removed
+                    }
         self._embcomp_embedding_names = emb_names
         self._embcomp_output_names = out_names
         self._embcomp_removed_keys = removed
@@ -186,11 +237,17 @@ class EmbCompPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def initialize_weights(self):
         super().initialize_weights()
-        from transformers import initialization as init  # guarded: skips tensors that were loaded
-
+        init = guarded_init()
         for m in self.modules():
             if isinstance(m, CompressedEmbedding):
                 m.reset_parameters(init)
+
+    def _tie_or_clone_weights(self, output_embeddings: nn.Module, input_embeddings: nn.Module) -> None:
+        # transformers 4.x ties by assigning ``output.weight = input.weight``; a compressed embedding has no dense
+        # weight, and its tied projection (EmbCompTiedLogits) already reads it. v5 never calls this method.
+        if isinstance(output_embeddings, EmbCompTiedLogits) or isinstance(input_embeddings, CompressedEmbedding):
+            return
+        super()._tie_or_clone_weights(output_embeddings, input_embeddings)
 
     def save_pretrained(self, save_directory, *args: Any, **kwargs: Any):
         """``PreTrainedModel.save_pretrained``, then the side files hf-embcomp attached at compress time
