@@ -588,7 +588,9 @@ class GPTQMethod(CompressionMethod):
         Hr += config.damp * torch.diagonal(Hr).mean() * torch.eye(d, dtype=torch.float64)
         hinv_u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hr)), upper=True).float()
         colw = torch.diagonal(Hr).float()
-        Er = (E.double() @ R).float()
+        Er = torch.empty(V, d)  # E R, float32 [V, d]; rotated in float64 a chunk of rows at a time
+        for i in range(0, V, ROW_CHUNK):
+            Er[i : i + ROW_CHUNK] = (E[i : i + ROW_CHUNK].double() @ R).float()
         fit = _TierFit(Er, Hr, hinv_u, colw, config)
         tiers = config.tiers(d)
         if config.allocation == "calibrated":
@@ -658,16 +660,18 @@ class _TierFit:
         self._vq: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _vq_all(self, tier: Tier) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(codebook float32 [2^bits, k], indices int64 [V, d / k], scales [V, 1], H-error float64 [V]) of every row
+        """(codebook float32 [2^bits, k], indices int16 [V, d / k], scales [V, 1], H-error float64 [V]) of every row
         in a vector tier: the codebook trained once (on every row, RMS-normalised), then one GPTVQ pass."""
         if tier.name not in self._vq:
             c, Er = self.config, self.Er
             book = train_codebook(Er / row_rms(Er), tier.bits, tier.dim, c.vq_iters, c.seed, c.dtype)
-            parts = [vq_tier(Er[i : i + ROW_CHUNK], self.hinv_u, self.Hf, book, tier.dim, c.dtype)
-                     for i in range(0, Er.shape[0], ROW_CHUNK)]
-            err = torch.cat([h_error(Er[i : i + ROW_CHUNK], p[2], self.Hf)
-                             for i, p in zip(range(0, Er.shape[0], ROW_CHUNK), parts)]).double()
-            self._vq[tier.name] = (book, torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), err)
+            idx, scales, err = [], [], []
+            for i in range(0, Er.shape[0], ROW_CHUNK):  # decoded rows live a chunk at a time
+                c_i, s_i, x_hat = vq_tier(Er[i : i + ROW_CHUNK], self.hinv_u, self.Hf, book, tier.dim, c.dtype)
+                idx.append(c_i.to(torch.int16))  # indices < 2^14: int16 keeps V d / k small
+                scales.append(s_i)
+                err.append(h_error(Er[i : i + ROW_CHUNK], x_hat, self.Hf).double())
+            self._vq[tier.name] = (book, torch.cat(idx), torch.cat(scales), torch.cat(err))
         return self._vq[tier.name]
 
     def errors(self, tier: Tier) -> torch.Tensor:
@@ -684,10 +688,15 @@ class _TierFit:
     def final(self, tier: Tier, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """The stored tensors of ``tier`` holding rows ``ids`` (int64, vocabulary order)."""
         c, name, b = self.config, tier.name, tier.bits
-        if tier.dim:
+        chunks = [ids[i : i + ROW_CHUNK] for i in range(0, ids.numel(), ROW_CHUNK)]
+        if tier.dim:  # codes packed per chunk: the int32 bit stream never exists for all rows
             book, idx, scales, _ = self._vq_all(tier)
-            return {f"codes_{name}": pack_codes(idx[ids], b), f"codebook_{name}": book, f"scales_{name}": scales[ids]}
-        parts = [refine_rows(self.Er[ids[i : i + ROW_CHUNK]], self.hinv_u, self.Hf, b, c.group_size, self.colw,
-                             c.dtype, int(c.refine)) for i in range(0, ids.numel(), ROW_CHUNK)]
-        return {f"codes_{name}": pack_codes(torch.cat([p[0] for p in parts]), b),
-                f"scales_{name}": torch.cat([p[1] for p in parts]), f"mins_{name}": torch.cat([p[2] for p in parts])}
+            return {f"codes_{name}": torch.cat([pack_codes(idx[r], b) for r in chunks]), f"codebook_{name}": book,
+                    f"scales_{name}": scales[ids]}
+        codes, scales, mins = [], [], []
+        for r in chunks:
+            Q, S, M = refine_rows(self.Er[r], self.hinv_u, self.Hf, b, c.group_size, self.colw, c.dtype, int(c.refine))
+            codes.append(pack_codes(Q, b))
+            scales.append(S)
+            mins.append(M)
+        return {f"codes_{name}": torch.cat(codes), f"scales_{name}": torch.cat(scales), f"mins_{name}": torch.cat(mins)}
