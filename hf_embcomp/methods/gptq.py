@@ -447,18 +447,23 @@ def nearest(x: torch.Tensor, book: torch.Tensor, chunk: int = 1 << 14) -> torch.
 
 
 def train_codebook(X: torch.Tensor, bits: int, k: int, iters: int, seed: int, dtype: str,
-                   sample: int = 1 << 19, chunk: int = 1 << 15) -> torch.Tensor:
+                   row_scale: torch.Tensor | None = None, sample: int = 1 << 19, chunk: int = 1 << 15) -> torch.Tensor:
     """Lloyd's k-means codebook float32 [2^bits, k] of the k-coordinate sub-vectors of rows X float32 [n, d]
-    (module docstring, 7), rounded to ``dtype``.
+    (divided by ``row_scale`` float32 [n, 1] where given; module docstring, 7), rounded to ``dtype``.
 
     At most ``sample`` sub-vectors (a seeded random subset) take part; the initial centres are a random subset of
-    them; an empty cell restarts at a random sub-vector. Memory: ``chunk`` x 2^bits distances at a time.
+    them; an empty cell restarts at a random sub-vector. Memory: the sample, and ``chunk`` x 2^bits distances at
+    a time.
     """
     K = 1 << bits
-    sub = X.reshape(-1, k)
+    m = X.shape[1] // k
     g = torch.Generator().manual_seed(int(seed) + 104729 + bits)
-    if sub.shape[0] > max(sample, K):
-        sub = sub[torch.randperm(sub.shape[0], generator=g)[: max(sample, 4 * K)]]
+    pick = torch.arange(X.shape[0] * m)
+    if pick.numel() > max(sample, K):
+        pick = torch.randperm(pick.numel(), generator=g)[: max(sample, 4 * K)]
+    sub = X.reshape(-1, k)[pick]
+    if row_scale is not None:
+        sub = sub / row_scale.reshape(-1)[pick // m].unsqueeze(-1)
     if sub.shape[0] < K:  # fewer sub-vectors than centres: repeat them (tiny matrices)
         sub = sub.repeat(-(-K // sub.shape[0]), 1)
     C = sub[torch.randperm(sub.shape[0], generator=g)[:K]].clone()
@@ -664,7 +669,7 @@ class _TierFit:
         in a vector tier: the codebook trained once (on every row, RMS-normalised), then one GPTVQ pass."""
         if tier.name not in self._vq:
             c, Er = self.config, self.Er
-            book = train_codebook(Er / row_rms(Er), tier.bits, tier.dim, c.vq_iters, c.seed, c.dtype)
+            book = train_codebook(Er, tier.bits, tier.dim, c.vq_iters, c.seed, c.dtype, row_scale=row_rms(Er))
             idx, scales, err = [], [], []
             for i in range(0, Er.shape[0], ROW_CHUNK):  # decoded rows live a chunk at a time
                 c_i, s_i, x_hat = vq_tier(Er[i : i + ROW_CHUNK], self.hinv_u, self.Hf, book, tier.dim, c.dtype)
