@@ -181,6 +181,6 @@ class DCCLMethod(CompressionMethod):
         used = torch.unique(codes + torch.arange(m, device=codes.device) * k).numel()
         logger.info("dccl: %d of %d codewords used", used, m * k)
         return {
-            "codes": pack_codes(codes, config.bits).contiguous(),
+            "codes": torch.cat([pack_codes(codes[i : i + 8192], config.bits) for i in range(0, V, 8192)]).contiguous(),
             "codebooks": round_to_dtype(codebooks, config.dtype).contiguous(),
         }

@@ -58,12 +58,13 @@ import torch
 
 from ..hub_code.embcomp_base import pack_bits
 from ..hub_code.embcomp_gptq import hadamard_matrix
-from .base import CompressionMethod, MethodConfig, RatioError, check_ratio, register_method
+from .base import CompressionMethod, MethodConfig, RatioError, check_ratio, register_method, rows_of
 
 logger = logging.getLogger(__name__)
 
 BIT_GRID = (1, 2, 3, 4, 5, 6, 8)
 ROW_CHUNK = 16384
+"""Rows GPTQ, the rotation and the packing handle at a time (memory: Er, float32 [V, d], plus a few chunks)."""
 GROUP_GRID = (128, 256, 512, 1 << 30)
 """Group sizes :meth:`GPTQConfig.from_ratio` tries in turn (the default first; the last: one group a row)."""
 
@@ -406,7 +407,9 @@ class GPTQMethod(CompressionMethod):
         hinv_u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hr)), upper=True).float()
         colw = torch.diagonal(Hr).float()
         Hf = Hr.float()
-        Er = (E.double() @ R).float()
+        Er = torch.empty(V, d)  # E R, float32 [V, d]; rotated in float64 a chunk of rows at a time
+        for i in range(0, V, ROW_CHUNK):
+            Er[i : i + ROW_CHUNK] = rows_of(lambda a, b: (E[a:b].double() @ R).float(), i, min(i + ROW_CHUNK, V))
         bits = list(config.bits)
         if config.allocation == "calibrated":
             rows_at = self._allocate(Er, Hr, hinv_u, colw, config, calibration, V, d)
@@ -421,11 +424,17 @@ class GPTQMethod(CompressionMethod):
             tier_rows.append(int(ids.numel()))
             if not ids.numel():
                 continue
-            parts = [refine_rows(Er[ids[i : i + ROW_CHUNK]], hinv_u, Hf, b, config.group_size, colw, config.dtype,
-                                 int(config.refine)) for i in range(0, ids.numel(), ROW_CHUNK)]
-            state[f"codes_b{b}"] = pack_codes(torch.cat([p[0] for p in parts]), b)
-            state[f"scales_b{b}"] = torch.cat([p[1] for p in parts])
-            state[f"mins_b{b}"] = torch.cat([p[2] for p in parts])
+            codes, scales, mins = [], [], []
+            for i in range(0, ids.numel(), ROW_CHUNK):  # codes packed per chunk: int32 codes never exist for all rows
+                Q, S, M = refine_rows(Er[ids[i : i + ROW_CHUNK]], hinv_u, Hf, b, config.group_size, colw, config.dtype,
+                                      int(config.refine))
+                codes.append(pack_codes(Q, b))
+                scales.append(S)
+                mins.append(M)
+                del Q
+            state[f"codes_b{b}"] = torch.cat(codes)
+            state[f"scales_b{b}"] = torch.cat(scales)
+            state[f"mins_b{b}"] = torch.cat(mins)
         final = dataclasses.replace(config, tier_rows=tuple(tier_rows), rotation_block=block)
         logger.info("gptq: H from %s, rotation block %d, rows per bit width %s", h_src, block,
                     dict(zip(bits, tier_rows)))
