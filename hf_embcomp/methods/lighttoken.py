@@ -308,8 +308,16 @@ def _rows(x: Rows, i: int, j: int) -> torch.Tensor:
     return rows_of(x, i, j, min(MIN_ROWS, ROW_CHUNK))
 
 
-def _chunks(n: int) -> range:
-    return range(0, n, ROW_CHUNK)
+def _ranges(n: int) -> list[tuple[int, int]]:
+    """The row chunks [i, j) of 0..n, :data:`ROW_CHUNK` rows each (the last one shorter)."""
+    return [(i, min(i + ROW_CHUNK, n)) for i in range(0, n, ROW_CHUNK)]
+
+
+def _fill(out: torch.Tensor, fn: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """``out[i:j] = fn(i, j)`` for the row chunks of ``out`` [n, *]; returns ``out``."""
+    for i, j in _ranges(out.shape[0]):
+        out[i:j] = _rows(fn, i, j)
+    return out
 
 
 class _Stage(nn.Module):
@@ -355,8 +363,8 @@ def _lowrank_q(E: Rows, n: int, d: int, k: int) -> torch.Tensor:
     if k == 0:
         return first.new_zeros(d, 0)
     Ed = torch.empty(n, d, dtype=torch.float64, device=first.device)
-    for i in _chunks(n):
-        Ed[i : i + ROW_CHUNK] = _rows(E, i, min(i + ROW_CHUNK, n)).double()
+    for i, j in _ranges(n):
+        Ed[i:j] = _rows(E, i, j).double()
     gram = Ed.T @ Ed
     del Ed
     _, vecs = torch.linalg.eigh(gram)
@@ -372,15 +380,84 @@ def _sq(x: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(x)) ** 2
 
 
+def _init_stage(stage: _Stage, resid: torch.Tensor, gen: torch.Generator, beta: float,
+                row_weight: torch.Tensor | None) -> None:
+    """Initialise a stage on the residual R (float32 [n, d]): encoder rows are random directions scaled to
+    unit-variance projections and centred on their median (balanced bits); the decoder is the least-squares
+    fit to the soft codes sigmoid(beta z). Holds the projections [n, m] once (column medians 64 at a time)."""
+    m, d = stage.enc.out_features, resid.shape[1]
+    w = torch.randn(m, d, generator=gen).to(resid.device)
+    proj = _fill(resid.new_empty(resid.shape[0], m), lambda a, b: resid[a:b] @ w.T)
+    scale = proj.std(0).clamp_min(1e-8)
+    proj.div_(scale)
+    med = torch.cat([proj[:, j : j + 64].median(0).values for j in range(0, m, 64)])
+    del proj
+    stage.enc.weight.copy_(w / scale[:, None])
+    stage.enc.bias.copy_(-med)
+    enc_w, enc_b = stage.enc.weight, stage.enc.bias
+    W, c = _lstsq(lambda a, b: torch.sigmoid(beta * (resid[a:b] @ enc_w.T + enc_b)), resid, weight=row_weight)
+    stage.dec.weight.copy_(W)
+    stage.dec.bias.copy_(c)
+
+
+def _harden_stage(stage: _Stage, E: Rows, resid: torch.Tensor, hard: torch.Tensor, cfg: LightTokenConfig,
+                  row_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """The trained stage's hard codes 1[z > 0] into ``hard`` (uint8 [n, m], a view of B), its decoder refit to
+    them (``cfg.refit``), and the residual updated in place, R <- R - (W_d b + b_d).
+
+    Returns (W_d float32 [d, m], b_d [d], statistics with the squared Frobenius norms of the residual left by
+    the trained and by the refit decoder, ``sq_hard`` / ``sq_refit``)."""
+    n, m = hard.shape
+    enc_w, enc_b = stage.enc.weight.detach(), stage.enc.bias.detach()
+    dec_w, dec_b = stage.dec.weight.detach().clone(), stage.dec.bias.detach().clone()
+    sat = ones = 0
+    sq_hard = sq_refit = 0.0
+    for i, j in _ranges(n):
+        z = _rows(lambda a, b: resid[a:b] @ enc_w.T + enc_b, i, j)
+        soft = torch.sigmoid(cfg.beta_end * z)
+        sat += int(((soft < 0.05) | (soft > 0.95)).sum())
+        hard[i:j] = z > 0
+        ones += int(hard[i:j].sum())
+        sq_hard += _sq(resid[i:j] - (_rows(lambda a, b: hard[a:b].float() @ dec_w.T, i, j) + dec_b))
+    if cfg.refit:
+        dec_w, dec_b = _lstsq(hard, resid, weight=row_weight)
+    row_cos = torch.empty(n)
+    for i, j in _ranges(n):
+        resid[i:j] = resid[i:j] - (_rows(lambda a, b: hard[a:b].float() @ dec_w.T, i, j) + dec_b)
+        sq_refit += _sq(resid[i:j])
+        e = _rows(E, i, j)
+        row_cos[i:j] = _row_cos(e, e - resid[i:j]).cpu()
+    st = {"bits": m, "saturation": sat / max(1, n * m), "bit_balance": ones / max(1, n * m), "sq_hard": sq_hard,
+          "sq_refit": sq_refit, "row_cos": float(row_cos.mean())}
+    return dec_w, dec_b, st
+
+
+def _lowrank_target(E: Rows, P: torch.Tensor, Q: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+    """Rows of E - P Q^T (what the codes and decoder fit)."""
+    return lambda i, j: _rows(E, i, j) - P[i:j] @ Q.T
+
+
+def _lowrank_of_rest(E: Rows, B: torch.Tensor, W: torch.Tensor, c: torch.Tensor,
+                     Q: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+    """Rows of P = (E - B W^T - c) Q, the low-rank part refit given the codes."""
+    return lambda i, j: (_rows(E, i, j) - B[i:j].float() @ W.T - c) @ Q
+
+
+def _recon(P: torch.Tensor, Q: torch.Tensor, B: torch.Tensor, W: torch.Tensor,
+           c: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+    """Rows of E_hat = P Q^T + B W^T + c (B uint8 codes)."""
+    return lambda i, j: P[i:j] @ Q.T + B[i:j].float() @ W.T + c
+
+
 def _fit(weight: torch.Tensor, cfg: LightTokenConfig, holdout: torch.Tensor | None = None, log: bool = True,
          row_weight: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> dict:
     """Fit all parts to E = ``weight[rows]`` (float [n, d]; all rows when ``rows`` (int64 [n] ids) is None).
 
     Returns the float32 tensors P [n, k], Q [d, k], W [d, M], c [d] (rounded to cfg.dtype), the hard codes
     B (uint8 {0,1} [n, M]) and statistics. ``row_weight`` (float [n], mean 1): per-row weights of the loss and
-    of the least-squares refits. Memory beside ``weight``: the residual (float32 [n, d]), B and the
-    [n, m_s] encoder outputs of a stage's initialisation; everything else is computed :data:`ROW_CHUNK`
-    rows at a time (the rows selected by ``rows`` are gathered a chunk at a time, never copied whole).
+    of the least-squares refits. Memory beside ``weight``: the residual (float32 [n, d]), B and, while a stage
+    is initialised, its projections [n, m_s]; everything else is computed :data:`ROW_CHUNK` rows at a time
+    (the rows selected by ``rows`` are gathered a chunk at a time, never copied whole).
     """
     W_in = weight.float()
     dev = W_in.device
@@ -391,126 +468,62 @@ def _fit(weight: torch.Tensor, cfg: LightTokenConfig, holdout: torch.Tensor | No
     def E(i: int, j: int) -> torch.Tensor:  # rows [i, j) of the fitted matrix
         return W_in[i:j] if ids is None else W_in[ids[i:j]]
 
-    def each(fn: Callable[[int, int], None]) -> None:
-        for i in _chunks(n):
-            fn(i, min(i + ROW_CHUNK, n))
-
     w_rows = None if row_weight is None else row_weight.float().to(dev)
     k = cfg.rank
     stats: dict[str, Any] = {}
     t0 = time.perf_counter()
     Q = round_to_dtype(_lowrank_q(E, n, d, k), cfg.dtype)
-    P = torch.cat([_rows(lambda a, b: E(a, b) @ Q, i, min(i + ROW_CHUNK, n)) for i in _chunks(n)])
-    e_norm = sum(_sq(E(i, min(i + ROW_CHUNK, n))) for i in _chunks(n)) ** 0.5
-    resid = torch.empty(n, d, device=dev)
-
-    def init_resid(i: int, j: int) -> None:
-        resid[i:j] = E(i, j) - _rows(lambda a, b: P[a:b] @ Q.T, i, j)
-
-    each(init_resid)
+    P = _fill(W_in.new_empty(n, k), lambda a, b: E(a, b) @ Q)
+    e_norm = max(sum(_sq(E(i, j)) for i, j in _ranges(n)) ** 0.5, 1e-300)
+    resid = _fill(W_in.new_empty(n, d), _lowrank_target(E, P, Q))
     # the row id rides along with the residual in the training rows: a batch gathers its rows of E
     row_ids = (torch.arange(n, device=dev) if ids is None else ids).float()[:, None]
-    M = cfg.num_bits
-    B = torch.zeros(n, M, dtype=torch.uint8, device=dev)
+    B = torch.zeros(n, cfg.num_bits, dtype=torch.uint8, device=dev)
+    beta_ratio = cfg.beta_end / cfg.beta_start
+
+    def step(module: nn.Module, batch: torch.Tensor, progress: float) -> torch.Tensor:
+        r, e = batch[:, :d], W_in[batch[:, d].long().to(dev)].to(batch.device)
+        b0 = e - r
+        w = batch[:, d + 1] if batch.shape[1] > d + 1 else None
+        beta = cfg.beta_start * beta_ratio ** min(1.0, progress / 0.8)
+        h = torch.sigmoid(beta * module.enc(e - b0))
+        return lighttoken_loss(e, b0 + module.dec(h), cfg.lam, weight=w)
+
     decs, biases, encs = [], [], []
     off = 0
     for s, m in enumerate(cfg.stage_bits):
-        gen = torch.Generator().manual_seed(cfg.seed * 1009 + s)
         stage = _Stage(d, m)
         with torch.no_grad():
-            # init: random directions scaled to unit-variance projections, centred on the median (balanced
-            # bits); decoder = least squares on the initial soft codes
-            w = torch.randn(m, d, generator=gen).to(dev)
-            proj = torch.empty(n, m, device=dev)
-
-            def project(i: int, j: int) -> None:
-                proj[i:j] = _rows(lambda a, b: resid[a:b] @ w.T, i, j)
-
-            each(project)
-            scale = proj.std(0).clamp_min(1e-8)
-            proj.div_(scale)
-            med = torch.cat([proj[:, j : j + 64].median(0).values for j in range(0, m, 64)])
-            del proj
-            stage.enc.weight.copy_(w / scale[:, None])
-            stage.enc.bias.copy_(-med)
-            enc_w, enc_b = stage.enc.weight, stage.enc.bias
-            W, c = _lstsq(lambda a, b: torch.sigmoid(cfg.beta_start * (resid[a:b] @ enc_w.T + enc_b)), resid,
-                          weight=w_rows)
-            stage.dec.weight.copy_(W)
-            stage.dec.bias.copy_(c)
-        beta_ratio = cfg.beta_end / cfg.beta_start
-
-        def step(module: nn.Module, batch: torch.Tensor, progress: float) -> torch.Tensor:
-            r, e = batch[:, :d], W_in[batch[:, d].long().to(dev)].to(batch.device)
-            b0 = e - r
-            w = batch[:, d + 1] if batch.shape[1] > d + 1 else None
-            beta = cfg.beta_start * beta_ratio ** min(1.0, progress / 0.8)
-            h = torch.sigmoid(beta * module.enc(e - b0))
-            return lighttoken_loss(e, b0 + module.dec(h), cfg.lam, weight=w)
-
+            _init_stage(stage, resid, torch.Generator().manual_seed(cfg.seed * 1009 + s), cfg.beta_start, w_rows)
         if cfg.epochs > 0:
             parts = [resid, row_ids] + ([] if w_rows is None else [w_rows[:, None]])
             train_rows(stage, parts, step, epochs=cfg.epochs, batch_size=cfg.batch_size,
                        lr=cfg.lr, seed=cfg.seed * 1009 + s, desc=f"lighttoken stage {s + 1}/{cfg.stages}")
         stage.to(dev)  # train_rows may have moved it to the accelerator's device
         with torch.no_grad():
-            enc_w, enc_b = stage.enc.weight.detach(), stage.enc.bias.detach()
-            dec_w, dec_b = stage.dec.weight.detach().clone(), stage.dec.bias.detach().clone()
-            hard = B[:, off : off + m]
-            acc = {"sat": 0, "ones": 0, "before": 0.0, "after": 0.0}
-            row_cos = torch.empty(n, device=dev)
-
-            def codes(i: int, j: int) -> None:
-                z = _rows(lambda a, b: resid[a:b] @ enc_w.T + enc_b, i, j)
-                soft = torch.sigmoid(cfg.beta_end * z)
-                acc["sat"] += int(((soft < 0.05) | (soft > 0.95)).sum())
-                hard[i:j] = z > 0
-                acc["ones"] += int(hard[i:j].sum())
-                acc["before"] += _sq(resid[i:j] - (_rows(lambda a, b: hard[a:b].float() @ dec_w.T, i, j) + dec_b))
-
-            each(codes)
-            if cfg.refit:
-                dec_w, dec_b = _lstsq(hard, resid, weight=w_rows)
-
-            def update(i: int, j: int) -> None:
-                resid[i:j] = resid[i:j] - (_rows(lambda a, b: hard[a:b].float() @ dec_w.T, i, j) + dec_b)
-                acc["after"] += _sq(resid[i:j])
-                e = E(i, j)
-                row_cos[i:j] = _row_cos(e, e - resid[i:j])
-
-            each(update)
-            st = {
-                "bits": m,
-                "saturation": acc["sat"] / max(1, n * m),
-                "bit_balance": acc["ones"] / max(1, n * m),
-                "rel_frob_hard": acc["before"] ** 0.5 / max(e_norm, 1e-300),
-                "rel_frob_refit": acc["after"] ** 0.5 / max(e_norm, 1e-300),
-                "row_cos": float(row_cos.mean()),
-            }
-            stats[f"stage{s + 1}"] = st
-            if log:
-                logger.info("lighttoken stage %d: %s", s + 1, st)
-            decs.append(dec_w)
-            biases.append(dec_b)
-            encs.append((enc_w.clone(), enc_b.clone()))
+            dec_w, dec_b, st = _harden_stage(stage, E, resid, B[:, off : off + m], cfg, w_rows)
+        st["rel_frob_hard"] = st.pop("sq_hard") ** 0.5 / e_norm
+        st["rel_frob_refit"] = st.pop("sq_refit") ** 0.5 / e_norm
+        stats[f"stage{s + 1}"] = st
+        if log:
+            logger.info("lighttoken stage %d: %s", s + 1, st)
+        decs.append(dec_w)
+        biases.append(dec_b)
+        encs.append((stage.enc.weight.detach().clone(), stage.enc.bias.detach().clone()))
         off += m
+    del resid
     W = torch.cat(decs, 1)
     c = torch.stack(biases).sum(0)
     with torch.no_grad():
-        def recon(P_: torch.Tensor, W_: torch.Tensor, c_: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
-            return lambda i, j: P_[i:j] @ Q.T + B[i:j].float() @ W_.T + c_
-
-        stats["before_refit"] = _summary(E, recon(P, W, c), n)
+        stats["before_refit"] = _summary(E, _recon(P, Q, B, W, c), n)
         if cfg.refit:
             for _ in range(2):
-                W, c = _lstsq(B, lambda i, j: E(i, j) - P[i:j] @ Q.T, weight=w_rows)
+                W, c = _lstsq(B, _lowrank_target(E, P, Q), weight=w_rows)
                 if k:
-                    P = torch.cat([_rows(lambda a, b: (E(a, b) - B[a:b].float() @ W.T - c) @ Q, i, min(i + ROW_CHUNK, n))
-                                   for i in _chunks(n)])
-            P_store = round_to_dtype(P, cfg.dtype)
-            W, c = _lstsq(B, lambda i, j: E(i, j) - P_store[i:j] @ Q.T, weight=w_rows)
+                    P = _fill(P.new_empty(n, k), _lowrank_of_rest(E, B, W, c, Q))
+            W, c = _lstsq(B, _lowrank_target(E, round_to_dtype(P, cfg.dtype), Q), weight=w_rows)
         P, W, c = round_to_dtype(P, cfg.dtype), round_to_dtype(W, cfg.dtype), round_to_dtype(c, cfg.dtype)
-        stats["after_refit"] = _summary(E, recon(P, W, c), n)
+        stats["after_refit"] = _summary(E, _recon(P, Q, B, W, c), n)
         out = {"P": P, "Q": Q, "W": W, "c": c, "B": B, "stats": stats}
         if holdout is not None:
             Eh = holdout.float()
@@ -534,8 +547,7 @@ def _summary(E: Rows, E_hat: Rows, n: int) -> dict[str, float]:
     compared :data:`ROW_CHUNK` rows at a time."""
     cos = torch.empty(n)
     err = ref = 0.0
-    for i in _chunks(n):
-        j = min(i + ROW_CHUNK, n)
+    for i, j in _ranges(n):
         e, e_hat = _rows(E, i, j), _rows(E_hat, i, j)
         cos[i:j] = _row_cos(e, e_hat).cpu()
         err += _sq(e - e_hat)
@@ -613,7 +625,7 @@ class LightTokenMethod(CompressionMethod):
                     st["before_refit"]["rel_frob"], st["after_refit"]["rel_frob"])
         LightTokenMethod.last_stats = st
         state = {
-            "codes": torch.cat([pack_bits(B[i : i + ROW_CHUNK]) for i in _chunks(V)]).contiguous(),
+            "codes": torch.cat([pack_bits(B[i:j]) for i, j in _ranges(V)]).contiguous(),
             "decoder": fitted["W"].contiguous(),
             "decoder_bias": fitted["c"].contiguous(),
         }
