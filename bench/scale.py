@@ -254,10 +254,19 @@ def main(argv: list[str] | None = None) -> dict:
                     help="a hyper-parameter of the fitted methods (VALUE read as JSON, else a string), e.g. epochs=1; "
                          "recorded in each row, and such rows are not used as projection anchors")
     ap.add_argument("--device", default="cpu", help="where E lives and the fit runs (cuda: GPU peak memory too)")
+    ap.add_argument("--merge", type=Path, action="append", default=[],
+                    help="with --reproject: add the rows of another scale JSON (e.g. a point run in a parallel process "
+                         "with its own --out); its rows replace those of the same method, matrix and V")
     args = ap.parse_args(argv)
     hp = dict(_hyperparameter(kv) for kv in args.set)
     if args.reproject:
         payload = json.loads(args.out.read_text())
+        for extra in (json.loads(f.read_text()) for f in args.merge):
+            keys = {(r["method"], r["name"], r["V"]) for r in extra["rows"]}
+            payload["rows"] = [r for r in payload["rows"] if (r["method"], r["name"], r["V"]) not in keys] + extra["rows"]
+            payload["methods"] = sorted(set(payload["methods"]) | set(extra["methods"]), key=lambda m: (m != "svd", m))
+            payload["matrices"] |= extra["matrices"]
+            payload.setdefault("merged", []).append({"methods": extra["methods"], "environment": extra["environment"]})
         payload["projection"] = [p for p in (project(payload["rows"], m) for m in payload["methods"]) if p]
         payload["plots"] = plot(payload, args.out)
         common.write_json(args.out, payload)
