@@ -63,7 +63,7 @@ def lighttoken_row(E, ratio, sent, **overrides):
     t0 = time.perf_counter()
     out = _fit(E, cfg)
     secs = time.perf_counter() - t0
-    E_hat = out["P"] @ out["Q"].T + out["B"] @ out["W"].T + out["c"]
+    E_hat = out["P"] @ out["Q"].T + out["B"].float() @ out["W"].T + out["c"]
     st = out["stats"]
     name = f"lighttoken k={cfg.rank} bits={'+'.join(map(str, cfg.stage_bits))} {cfg.dtype} lam={cfg.lam:g}"
     row = {"method": name, "ratio": V * d * 4 / cfg.stored_bytes(V, d), **fidelity(E, E_hat),

@@ -189,14 +189,18 @@ def speed_section(s: dict, link: str) -> list[str]:
 
 def scale_section(c: dict, link: str) -> list[str]:
     out = ["", "### Scale", "", f"`python bench/scale.py{' --quick' if c.get('quick') else ''}` · fit at {c['ratio']:g}x · "
-           f"{c['threads']} threads · each point in a fresh process (fit peak = RSS sampled every 5 ms during the fit minus the RSS before it)."]
+           f"threads per row · each point in a fresh process (fit peak = RSS sampled every 5 ms during the fit minus the RSS before it; "
+           f"peak / fp32 E = that over the V x d x 4 bytes of the matrix; the target is <= 3)."]
     if c.get("quick"):
         out.append("\n**Quick smoke run: not the published numbers.**")
     mats = c.get("matrices", {})
     out += ["", "Matrices: " + "; ".join(f"{k}: {v['source']}" for k, v in mats.items()), ""]
-    out.append(md_table(["method", "matrix", "V", "d", "ratio", "fit s", "fit peak MiB", "status"],
-                        [[r["method"], r["name"] + (" (random)" if r.get("random") else ""), f"{r['V']:,}", str(r["d"]),
-                          _f(r.get("ratio"), 1), _f(r.get("fit_seconds"), 2), _f(r.get("fit_peak_growth_mb"), 0), r["status"]]
+    out.append(md_table(["method", "matrix", "V", "d", "ratio", "threads", "fit s", "fit peak MiB", "peak / fp32 E", "status"],
+                        [[r["method"] + "".join(f" ({k}={v})" for k, v in r.get("hyperparameters", {}).items()),
+                          r["name"] + (" (random)" if r.get("random") else ""), f"{r['V']:,}", str(r["d"]),
+                          _f(r.get("ratio"), 1), str(r.get("threads", c["threads"])), _f(r.get("fit_seconds"), 2),
+                          _f(r.get("fit_peak_growth_mb"), 0),
+                          _f(r["fit_peak_growth_mb"] / r["input_mb"] if r.get("input_mb") else None, 2), r["status"]]
                          for r in c.get("rows", [])]))
     if c.get("projection"):
         out += ["", "Projection (t = c·V^a·d^b with the method's known cost: a = 1, b = 2 for svd, 1 otherwise; c from "

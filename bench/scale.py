@@ -15,7 +15,16 @@ linear in d at a fixed ratio), c from the largest measured point; the exponent a
 (fixed d) is reported beside it (it is noise-dominated on a loaded machine). Memory ~ V d (the fp32 input and
 the outputs), scaled from the largest point; its fitted V exponent is reported too.
 
+Memory target (issue 16): every method's fit peak growth within 3x the fp32 matrix (``peak_vs_fp32`` of a row).
+A measured point of the Llama-3-8B shape: ``--points llama3-8b-shape:128256`` fits a 128256 x 4096 matrix of
+random-normal rows with Gemma-3-270m's singular spectrum resampled to d = 4096 (:func:`spectrum_matrix`); there
+``--set epochs=1`` (any hyper-parameter) bounds the time, and such rows are measured points, not projection anchors.
+``--device cuda`` runs the fit on a GPU and adds its peak allocated memory (``gpu_peak_growth_mb``).
+
     HF_HUB_OFFLINE=1 python bench/scale.py                     # svd at every size
+    HF_HUB_OFFLINE=1 python bench/scale.py --methods all --points gemma:262144 --other-max-v 300000 --threads 1
+    HF_HUB_OFFLINE=1 python bench/scale.py --methods lighttoken --points llama3-8b-shape:128256 --other-max-v 300000 \
+        --set epochs=1 --append
     HF_HUB_OFFLINE=1 python bench/scale.py --methods svd,lighttoken --other-max-v 50000
     HF_HUB_OFFLINE=1 python bench/scale.py --quick             # svd, 8k MiniLM rows + 2 small Gemma-width random sizes
 """
@@ -49,9 +58,14 @@ import numpy as np, psutil, torch
 torch.set_num_threads(int(sys.argv[5]))
 from hf_embcomp.core import method_config
 from hf_embcomp.methods import get_method
-E = torch.from_numpy(np.load(sys.argv[1], mmap_mode="r")[: int(sys.argv[4])].copy()).float()
+device = torch.device(sys.argv[7])
+E = torch.from_numpy(np.load(sys.argv[1], mmap_mode="r")[: int(sys.argv[4])].copy()).float().to(device)
 V, d = E.shape
-cfg = method_config(sys.argv[2], V, d, float(sys.argv[3]))
+cfg = method_config(sys.argv[2], V, d, float(sys.argv[3]), **json.loads(sys.argv[6]))
+cuda = device.type == "cuda"
+if cuda:
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(device)
+    gpu0 = torch.cuda.memory_allocated(device) / 2**20
 proc = psutil.Process()
 rss0 = proc.memory_info().rss / 2**20
 peak = [rss0]
@@ -67,10 +81,15 @@ state = get_method(sys.argv[2]).fit(E, cfg)
 fit = time.perf_counter() - t0
 stop.set(); th.join()
 peak[0] = max(peak[0], proc.memory_info().rss / 2**20)
-print(json.dumps({"fit_seconds": fit, "rss_before_fit_mb": rss0, "peak_rss_mb": peak[0], "fit_peak_growth_mb": peak[0] - rss0,
-                  "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "stored_bytes": cfg.stored_bytes(V, d), "ratio": V * d * 4 / cfg.stored_bytes(V, d),
-                  "input_mb": V * d * 4 / 2**20}))
+out = {"fit_seconds": fit, "rss_before_fit_mb": rss0, "peak_rss_mb": peak[0], "fit_peak_growth_mb": peak[0] - rss0,
+       "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+       "stored_bytes": cfg.stored_bytes(V, d), "ratio": V * d * 4 / cfg.stored_bytes(V, d),
+       "input_mb": V * d * 4 / 2**20, "peak_vs_fp32": (peak[0] - rss0) / (V * d * 4 / 2**20), "device": str(device)}
+if cuda:
+    torch.cuda.synchronize()
+    out["gpu_peak_growth_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 - gpu0
+    out["gpu_peak_vs_fp32"] = out["gpu_peak_growth_mb"] / out["input_mb"]
+print(json.dumps(out))
 """
 
 
@@ -130,9 +149,50 @@ def matrix(key: str, allow_random: bool = True) -> tuple[Path, dict[str, Any]]:
         return path, info | {"random": True, "source": f"random {V} x {d} (real matrix unavailable: {e})"}
 
 
-def run_point(path: Path, method: str, ratio: float, rows: int, threads: int, timeout: int) -> dict[str, Any]:
+def spectrum_matrix(V: int, d: int, like: Path, seed: int = 0) -> Path:
+    """A V x d float32 matrix of random-normal rows with the singular spectrum of the real matrix ``like``.
+
+    E = Z diag(sigma) O^T / sqrt(V): Z [V, d] iid N(0, 1), O a random orthogonal d x d matrix (QR of a Gaussian
+    one), sigma the singular values of ``like`` (from the eigenvalues of its Gram matrix) resampled to d values
+    by log-linear interpolation over the relative index i / d, scaled so that the mean squared entry equals
+    ``like``'s. Its singular values are then about sigma (Z^T Z / V ~ I for V >> d). Cached as .npy.
+    """
+    path = cache_dir() / f"bench_spectrum_{like.stem}_{V}x{d}.npy"
+    if path.is_file():
+        return path
+    import torch
+
+    src = np.load(like, mmap_mode="r")
+    gram = np.zeros((src.shape[1], src.shape[1]))
+    for i in range(0, src.shape[0], 32768):
+        x = np.asarray(src[i : i + 32768], dtype=np.float64)
+        gram += x.T @ x
+    sig = np.sqrt(np.clip(np.linalg.eigvalsh(gram)[::-1], 0, None))
+    t_src = (np.arange(sig.size) + 0.5) / sig.size
+    t = (np.arange(d) + 0.5) / d
+    s = np.exp(np.interp(t, t_src, np.log(np.maximum(sig, sig.max() * 1e-12))))
+    s *= np.sqrt((sig**2).sum() / src.size * V * d / (s**2).sum())
+    gen = torch.Generator().manual_seed(seed)
+    o, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    scaled = (torch.from_numpy(s)[:, None] * o.T / math.sqrt(V)).float()  # diag(sigma) O^T / sqrt(V), [d, d]
+    out = np.lib.format.open_memmap(path.with_suffix(".part.npy"), mode="w+", dtype=np.float32, shape=(V, d))
+    for i in range(0, V, 8192):
+        out[i : i + 8192] = (torch.randn(min(8192, V - i), d, generator=gen) @ scaled).numpy()
+    out.flush()
+    del out
+    path.with_suffix(".part.npy").rename(path)
+    return path
+
+
+SHAPES = {"llama3-8b-shape": (128256, 4096, "gemma")}
+"""Matrices of a target's shape built by :func:`spectrum_matrix` from a real one (key: (V, d, real matrix))."""
+
+
+def run_point(path: Path, method: str, ratio: float, rows: int, threads: int, timeout: int,
+              hyperparameters: dict[str, Any] | None = None, device: str = "cpu") -> dict[str, Any]:
     try:
-        out = subprocess.run([sys.executable, "-c", _CHILD, str(path), method, str(ratio), str(rows), str(threads)],
+        out = subprocess.run([sys.executable, "-c", _CHILD, str(path), method, str(ratio), str(rows), str(threads),
+                              json.dumps(hyperparameters or {}), device],
                              capture_output=True, text=True, timeout=timeout, env=os.environ | {"TQDM_DISABLE": "1"})
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "error": f"over {timeout} s"}
@@ -142,8 +202,16 @@ def run_point(path: Path, method: str, ratio: float, rows: int, threads: int, ti
     return {"status": "ok", **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
+def _hyperparameter(kv: str) -> tuple[str, Any]:
+    key, _, value = kv.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def project(rows: list[dict], method: str) -> dict[str, Any]:
-    ok = [r for r in rows if r["method"] == method and r["status"] == "ok"]
+    ok = [r for r in rows if r["method"] == method and r["status"] == "ok" and not r.get("hyperparameters")]
     if not ok:
         return {}
     sweep = sorted((r for r in ok if r["d"] == 640), key=lambda r: r["V"])
@@ -182,9 +250,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--points", default=None, help="comma list of MATRIX:V to run instead of the default grid, "
                                                    "e.g. minilm:30522,gemma:262144")
     ap.add_argument("--append", action="store_true", help="keep the rows of --out that this run does not redo")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a hyper-parameter of the fitted methods (VALUE read as JSON, else a string), e.g. epochs=1; "
+                         "recorded in each row, and such rows are not used as projection anchors")
+    ap.add_argument("--device", default="cpu", help="where E lives and the fit runs (cuda: GPU peak memory too)")
+    ap.add_argument("--merge", type=Path, action="append", default=[],
+                    help="with --reproject: add the rows of another scale JSON (e.g. a point run in a parallel process "
+                         "with its own --out); its rows replace those of the same method, matrix and V")
     args = ap.parse_args(argv)
+    hp = dict(_hyperparameter(kv) for kv in args.set)
     if args.reproject:
         payload = json.loads(args.out.read_text())
+        for extra in (json.loads(f.read_text()) for f in args.merge):
+            keys = {(r["method"], r["name"], r["V"]) for r in extra["rows"]}
+            payload["rows"] = [r for r in payload["rows"] if (r["method"], r["name"], r["V"]) not in keys] + extra["rows"]
+            payload["methods"] = sorted(set(payload["methods"]) | set(extra["methods"]), key=lambda m: (m != "svd", m))
+            payload["matrices"] |= extra["matrices"]
+            payload.setdefault("merged", []).append({"methods": extra["methods"], "environment": extra["environment"]})
         payload["projection"] = [p for p in (project(payload["rows"], m) for m in payload["methods"]) if p]
         payload["plots"] = plot(payload, args.out)
         common.write_json(args.out, payload)
@@ -206,6 +288,13 @@ def main(argv: list[str] | None = None) -> dict:
         points = [("minilm", 30522), ("smollm2", 49152)] + [("gemma", v) for v in (32768, 65536, 131072, 262144)]
         if args.points:
             points = [(p.split(":")[0], int(p.split(":")[1])) for p in args.points.split(",") if p]
+        for key in {k for k, _ in points if k in SHAPES}:
+            V, d, like = SHAPES[key]
+            path, info = mats[like]
+            mats[key] = (spectrum_matrix(V, d, path), {
+                "name": key, "V": V, "d": d, "random": True,
+                "source": f"random normal rows with the singular spectrum of {like} ({info['source']}) resampled to "
+                          f"d = {d} and a random rotation (bench/scale.py spectrum_matrix)"})
     payload["matrices"] = {k: v[1] for k, v in mats.items()}
     if args.append and args.out.is_file():
         old = json.loads(args.out.read_text())
@@ -213,21 +302,24 @@ def main(argv: list[str] | None = None) -> dict:
         payload["rows"] = [r for r in old.get("rows", []) if (r["method"], r["name"], r["V"]) not in redo]
         payload["methods"] = sorted(set(old.get("methods", [])) | set(methods), key=lambda m: (m != "svd", m))
     print(common.table([], [("method", "method"), ("name", "matrix"), ("V", "V"), ("d", "d"), ("ratio", "ratio"),
-                            ("fit_seconds", "fit s"), ("fit_peak_growth_mb", "fit peak MiB"), ("status", "status")]), flush=True)
+                            ("fit_seconds", "fit s"), ("fit_peak_growth_mb", "fit peak MiB"), ("peak_vs_fp32", "peak / fp32 E"),
+                            ("status", "status")]), flush=True)
     for method in methods:
         for key, V in points:
             path, info = mats[key]
             if method != "svd" and V > args.other_max_v:
                 continue
             t0 = time.perf_counter()
-            r = {"method": method, "name": key, "V": V, "d": info["d"], "random": info["random"]}
-            r |= run_point(path, method, args.ratio, V, args.threads, 120 if args.quick else args.timeout)
+            r = {"method": method, "name": key, "V": V, "d": info["d"], "random": info["random"], "threads": args.threads}
+            if hp:
+                r["hyperparameters"] = hp
+            r |= run_point(path, method, args.ratio, V, args.threads, 120 if args.quick else args.timeout, hp, args.device)
             r["wall_seconds"] = time.perf_counter() - t0
             payload["rows"].append(r)
             common.write_json(args.out, payload)
             print(common.table([r], [("method", "method"), ("name", "matrix"), ("V", "V"), ("d", "d"), ("ratio", "ratio"),
                                      ("fit_seconds", "fit s"), ("fit_peak_growth_mb", "fit peak MiB"),
-                                     ("status", "status")]).splitlines()[-1], flush=True)
+                                     ("peak_vs_fp32", "peak / fp32 E"), ("status", "status")]).splitlines()[-1], flush=True)
     payload["projection"] = [p for p in (project(payload["rows"], m) for m in payload["methods"]) if p]
     payload["plots"] = plot(payload, args.out)
     payload["finished"] = True

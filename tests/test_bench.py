@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import hf_embcomp
@@ -92,6 +93,27 @@ def test_scale_quick(results):
     assert all(r["ratio"] >= c["ratio"] and r["fit_seconds"] > 0 for r in c["rows"])
     targets = {t["target"] for p in c["projection"] for t in p["targets"]}
     assert len(targets) == 2 and all(t["fit_seconds"] > 0 for p in c["projection"] for t in p["targets"])
+    assert all(r["peak_vs_fp32"] == pytest.approx(r["fit_peak_growth_mb"] / r["input_mb"]) and r["threads"] == 2
+               for r in c["rows"])
+
+
+def test_spectrum_matrix_has_the_resampled_spectrum(tmp_path, monkeypatch):
+    """The Llama-3-8B-shaped matrix of bench/scale.py: random rows whose singular values follow the real
+    matrix's, resampled to the new width, at the same mean squared entry."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import scale
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(scale, "cache_dir", lambda: tmp_path)
+    g = np.random.default_rng(0)
+    like = (g.standard_normal((3000, 8)) * np.geomspace(4, 0.25, 8)).astype(np.float32)
+    np.save(tmp_path / "like.npy", like)
+    E = np.load(scale.spectrum_matrix(6000, 16, tmp_path / "like.npy"))
+    assert E.shape == (6000, 16) and E.dtype == np.float32
+    assert np.mean(E.astype(np.float64) ** 2) == pytest.approx(np.mean(like.astype(np.float64) ** 2), rel=0.05)
+    s_src, s = np.linalg.svd(like, compute_uv=False), np.linalg.svd(E, compute_uv=False)
+    assert s[0] / s[-1] == pytest.approx(s_src[0] / s_src[-1], rel=0.2)  # the same decay over the relative index
 
 
 def test_report_renders(results):

@@ -159,6 +159,24 @@ def get_method(name: str) -> CompressionMethod:
     return METHODS[name]()
 
 
+MIN_ROWS = 8192
+"""The fewest rows :func:`rows_of` computes a product on. BLAS picks its kernel (and on several threads its split
+of the sum) by the shape, so a product of a few rows can differ in the last bit from the same rows inside a larger
+product; chunked passes over the rows of E give the rows of the whole product bit for bit when no chunk is shorter."""
+
+Rows = torch.Tensor | Callable[[int, int], torch.Tensor]
+"""A row source: a tensor [n, ...], or a function (i, j) -> rows [i, j) of one, computed on demand."""
+
+
+def rows_of(x: Rows, i: int, j: int, min_rows: int = MIN_ROWS) -> torch.Tensor:
+    """Rows [i, j) of a row source; a function is called on at least ``min_rows`` rows (a shorter range is
+    computed as the tail of ``[j - min_rows, j)``), so a chunk's rows equal those of the whole product."""
+    if isinstance(x, torch.Tensor):
+        return x[i:j]
+    lo = max(0, j - min_rows) if j - i < min_rows else i
+    return x(lo, j)[i - lo :]
+
+
 def round_to_dtype(t: torch.Tensor, dtype: str) -> torch.Tensor:
     """Round a float tensor to the storage dtype and return it as float32 (the values that will be stored)."""
     return t.to(getattr(torch, dtype)).to(torch.float32)

@@ -126,19 +126,19 @@ def refit_codebooks(weight: torch.Tensor, codes: torch.Tensor, k: int, chunk: in
     """Least-squares codebooks for fixed codes: argmin_A sum_w ||e_w - sum_i A_i[c_w^i]||^2.
 
     Args:
-        weight: E, float32 [V, d]; codes: int64 [V, M] in [0, K).
+        weight: E, float32 [V, d]; codes: integer [V, M] in [0, K) (any integer dtype, e.g. uint8).
 
     Returns:
         float32 [M, K, d]. A tiny ridge term picks the minimum-norm solution (the per-codebook offsets are
         not identifiable) and sets unused codewords to zero.
     """
     v, m = codes.shape
-    flat = codes + torch.arange(m, device=codes.device) * k  # [V, M] in [0, M*K)
+    offsets = torch.arange(m, device=codes.device) * k  # codebook i's codewords are rows [i K, (i + 1) K)
     gram = torch.zeros(m * k, m * k, dtype=torch.float64, device=weight.device)
     rhs = torch.zeros(m * k, weight.shape[1], dtype=torch.float64, device=weight.device)
     for i in range(0, v, chunk):
         onehot = torch.zeros(min(chunk, v - i), m * k, dtype=torch.float64, device=weight.device)
-        onehot.scatter_(1, flat[i : i + chunk], 1.0)
+        onehot.scatter_(1, codes[i : i + chunk].long() + offsets, 1.0)
         gram += onehot.T @ onehot
         rhs += onehot.T @ weight[i : i + chunk].double()
     ridge = 1e-6 * float(gram.diagonal().mean()) + 1e-12
@@ -146,10 +146,12 @@ def refit_codebooks(weight: torch.Tensor, codes: torch.Tensor, k: int, chunk: in
     return sol.float().reshape(m, k, -1)
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """int64 codes [V, M] in [0, 2**bits) -> uint8 [V, ceil(M * bits / 8)], MSB first, concatenated."""
-    b = (codes.unsqueeze(-1) // code_weights(bits).to(codes.device)) % 2  # [V, M, bits]
-    return pack_bits(b.reshape(codes.shape[0], -1))
+def pack_codes(codes: torch.Tensor, bits: int, chunk: int = 8192) -> torch.Tensor:
+    """Integer codes [V, M] in [0, 2**bits) -> uint8 [V, ceil(M * bits / 8)], MSB first, concatenated (``chunk``
+    rows at a time: the unpacked bits, int64 [chunk, M, bits], never exist for all rows)."""
+    w = code_weights(bits).to(codes.device)
+    return torch.cat([pack_bits(((c.long().unsqueeze(-1) // w) % 2).reshape(c.shape[0], -1))
+                      for c in codes.split(chunk)])
 
 
 @register_method
@@ -174,11 +176,15 @@ class DCCLMethod(CompressionMethod):
         train_rows(net, weight, step, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                    seed=config.seed, max_grad_norm=config.max_grad_norm, desc="dccl")
         with torch.no_grad():
-            codes = torch.cat([net.log_probs(weight[i : i + 8192]).argmax(-1) for i in range(0, V, 8192)])
+            # uint8 codes (K <= 256): [V, M] bytes, not int64
+            codes = torch.cat([net.log_probs(weight[i : i + 8192]).argmax(-1).to(torch.uint8) for i in range(0, V, 8192)])
             codebooks = net.codebooks.detach().reshape(m, k, d)
             if config.refit_codebooks:
                 codebooks = refit_codebooks(weight, codes, k)
-        used = torch.unique(codes + torch.arange(m, device=codes.device) * k).numel()
+        seen = torch.zeros(m * k, dtype=torch.bool, device=codes.device)
+        for c in codes.split(8192):
+            seen[(c.long() + torch.arange(m, device=codes.device) * k).flatten()] = True
+        used = int(seen.sum())
         logger.info("dccl: %d of %d codewords used", used, m * k)
         return {
             "codes": pack_codes(codes, config.bits).contiguous(),

@@ -102,8 +102,9 @@ class DistilledMethod(CompressionMethod):
             mod.mlp_in_bias.copy_(lin.bias)
             mod.mlp_out_weight.zero_()
             mod.mlp_out_bias.zero_()
+        del u, s, vh
         # Each training row carries its token id in an extra column, so a batch can look up its codes.
-        rows = torch.cat([weight.float(), torch.arange(V, device=weight.device, dtype=torch.float32)[:, None]], 1)
+        rows = (weight.float(), torch.arange(V, device=weight.device, dtype=torch.float32)[:, None])
 
         def step(module: DistilledEmbedding, batch: torch.Tensor, progress: float) -> torch.Tensor:
             return mse_loss(batch[:, :-1], module.embed(batch[:, -1].long()))

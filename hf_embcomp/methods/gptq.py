@@ -69,12 +69,13 @@ import torch
 
 from ..hub_code.embcomp_base import pack_bits
 from ..hub_code.embcomp_gptq import VQ_TAG, hadamard_matrix
-from .base import CompressionMethod, MethodConfig, RatioError, check_ratio, register_method
+from .base import CompressionMethod, MethodConfig, RatioError, check_ratio, register_method, rows_of
 
 logger = logging.getLogger(__name__)
 
 BIT_GRID = (1, 2, 3, 4, 5, 6, 8)
 ROW_CHUNK = 16384
+"""Rows GPTQ, the rotation and the packing handle at a time (memory: Er, float32 [V, d], plus a few chunks)."""
 GROUP_GRID = (128, 256, 512, 1 << 30)
 """Group sizes :meth:`GPTQConfig.from_ratio` tries in turn (the default first; the last: one group a row)."""
 VQ_GRID = ((8, 8), (9, 8), (10, 8), (6, 4), (7, 4), (8, 4), (6, 2), (7, 2), (8, 2))
@@ -595,7 +596,7 @@ class GPTQMethod(CompressionMethod):
         colw = torch.diagonal(Hr).float()
         Er = torch.empty(V, d)  # E R, float32 [V, d]; rotated in float64 a chunk of rows at a time
         for i in range(0, V, ROW_CHUNK):
-            Er[i : i + ROW_CHUNK] = (E[i : i + ROW_CHUNK].double() @ R).float()
+            Er[i : i + ROW_CHUNK] = rows_of(lambda a, b: (E[a:b].double() @ R).float(), i, min(i + ROW_CHUNK, V))
         fit = _TierFit(Er, Hr, hinv_u, colw, config)
         tiers = config.tiers(d)
         if config.allocation == "calibrated":

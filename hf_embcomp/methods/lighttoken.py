@@ -72,6 +72,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -79,7 +80,8 @@ from torch import nn
 
 from ..hub_code.embcomp_base import pack_bits
 from ..losses import lighttoken_loss
-from .base import DTYPE_BYTES, CompressionMethod, MethodConfig, RatioError, check_ratio, register_method, round_to_dtype
+from .base import (DTYPE_BYTES, MIN_ROWS, CompressionMethod, MethodConfig, RatioError, Rows, check_ratio, register_method,
+                   round_to_dtype, rows_of)
 from ..training.rows import train_rows
 
 logger = logging.getLogger(__name__)
@@ -295,6 +297,29 @@ def _probe_pick(weight: torch.Tensor, cands: list[LightTokenConfig]) -> LightTok
 
 
 # --- fitting --------------------------------------------------------------------------------------
+ROW_CHUNK = 32768
+"""Rows per pass of the fit's [n, d] and [n, M] products: every V-sized product is computed a chunk of rows
+at a time, so that the fit holds only one float32 residual [n, d] and the uint8 codes [n, M] beside the
+resident model (issue 16: the peak stays within 3x the fp32 matrix). The results do not depend on it (a row
+of a matrix product does not depend on the other rows; tests/test_fit_memory.py)."""
+
+
+def _rows(x: Rows, i: int, j: int) -> torch.Tensor:
+    return rows_of(x, i, j, min(MIN_ROWS, ROW_CHUNK))
+
+
+def _ranges(n: int) -> list[tuple[int, int]]:
+    """The row chunks [i, j) of 0..n, :data:`ROW_CHUNK` rows each (the last one shorter)."""
+    return [(i, min(i + ROW_CHUNK, n)) for i in range(0, n, ROW_CHUNK)]
+
+
+def _fill(out: torch.Tensor, fn: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """``out[i:j] = fn(i, j)`` for the row chunks of ``out`` [n, *]; returns ``out``."""
+    for i, j in _ranges(out.shape[0]):
+        out[i:j] = _rows(fn, i, j)
+    return out
+
+
 class _Stage(nn.Module):
     def __init__(self, d: int, m: int) -> None:
         super().__init__()
@@ -302,142 +327,214 @@ class _Stage(nn.Module):
         self.dec = nn.Linear(m, d)
 
 
-def _lstsq(codes: torch.Tensor, target: torch.Tensor, chunk: int = 32768,
-           weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _lstsq(codes: Rows, target: Rows, chunk: int = 32768, weight: torch.Tensor | None = None,
+           num_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """W [d, m], c [d] minimising sum_i w_i ||target_i - W codes_i - c||^2 (w = 1 without ``weight``;
     normal equations solved in float64).
 
-    The products are float32 per chunk (exact for {0,1} codes), accumulated in float64; tiny ridge.
+    ``codes`` ([n, m], {0,1} of any dtype, or soft codes) and ``target`` (float [n, d]) are row sources
+    (:data:`Rows`; ``num_rows`` = n when both are functions). The products are float32 per chunk of ``chunk``
+    rows (exact for {0,1} codes), accumulated in float64; tiny ridge.
     """
-    n, m = codes.shape
-    dev = codes.device
-    G = torch.zeros(m + 1, m + 1, dtype=torch.float64, device=dev)
-    C = torch.zeros(m + 1, target.shape[1], dtype=torch.float64, device=dev)
+    n = num_rows if num_rows is not None else next(x.shape[0] for x in (codes, target) if isinstance(x, torch.Tensor))
+    G = C = None
     for i in range(0, n, chunk):
-        a = torch.cat([codes[i : i + chunk].float(), torch.ones(min(chunk, n - i), 1, device=dev)], 1)
-        aw = a if weight is None else a * weight[i : i + chunk, None].float()
+        j = min(i + chunk, n)
+        a = _rows(codes, i, j).float()
+        dev = a.device
+        a = torch.cat([a, torch.ones(j - i, 1, device=dev)], 1)
+        aw = a if weight is None else a * weight[i:j, None].float()
+        t = _rows(target, i, j).float()
+        if G is None:
+            G = torch.zeros(a.shape[1], a.shape[1], dtype=torch.float64, device=dev)
+            C = torch.zeros(a.shape[1], t.shape[1], dtype=torch.float64, device=dev)
         G += (aw.T @ a).double()
-        C += (aw.T @ target[i : i + chunk].float()).double()
-    G += torch.eye(m + 1, dtype=torch.float64) * (1e-8 * G.diagonal().mean() + 1e-12)
+        C += (aw.T @ t).double()
+    m = G.shape[0] - 1
+    G += torch.eye(m + 1, dtype=torch.float64, device=G.device) * (1e-8 * G.diagonal().mean() + 1e-12)
     sol = torch.linalg.solve(G, C)
     return sol[:m].T.float().contiguous(), sol[m].float().contiguous()
 
 
-def _lowrank(weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """P = E Q [V, k], Q = top-k right singular vectors [d, k] (eigh of E^T E in float64)."""
+def _lowrank_q(E: Rows, n: int, d: int, k: int) -> torch.Tensor:
+    """Q = the top-k right singular vectors of E [n, d] (a row source), float32 [d, k] (eigh of E^T E in
+    float64; E is cast to float64 once, 2x the fp32 matrix)."""
+    first = _rows(E, 0, min(n, ROW_CHUNK))
     if k == 0:
-        return weight.new_zeros(weight.shape[0], 0), weight.new_zeros(weight.shape[1], 0)
-    gram = weight.double().T @ weight.double()
+        return first.new_zeros(d, 0)
+    Ed = torch.empty(n, d, dtype=torch.float64, device=first.device)
+    for i, j in _ranges(n):
+        Ed[i:j] = _rows(E, i, j).double()
+    gram = Ed.T @ Ed
+    del Ed
     _, vecs = torch.linalg.eigh(gram)
-    q = vecs[:, -k:].flip(1).float().contiguous()
-    return weight @ q, q
+    return vecs[:, -k:].flip(1).float().contiguous()
 
 
 def _row_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)
 
 
-def _fit(weight: torch.Tensor, cfg: LightTokenConfig, holdout: torch.Tensor | None = None, log: bool = True,
-         row_weight: torch.Tensor | None = None) -> dict:
-    """Fit all parts. Returns the float32 tensors (rounded to cfg.dtype), the hard codes and statistics.
+def _sq(x: torch.Tensor) -> float:
+    """Sum of squares of a chunk (the fit's Frobenius statistics add the chunks in float64)."""
+    return float(torch.linalg.vector_norm(x)) ** 2
 
-    ``row_weight`` (float [V], mean 1): per-row weights of the loss and of the least-squares refits.
+
+def _init_stage(stage: _Stage, resid: torch.Tensor, gen: torch.Generator, beta: float,
+                row_weight: torch.Tensor | None) -> None:
+    """Initialise a stage on the residual R (float32 [n, d]): encoder rows are random directions scaled to
+    unit-variance projections and centred on their median (balanced bits); the decoder is the least-squares
+    fit to the soft codes sigmoid(beta z). Holds the projections [n, m] once (column medians 64 at a time)."""
+    m, d = stage.enc.out_features, resid.shape[1]
+    w = torch.randn(m, d, generator=gen).to(resid.device)
+    proj = _fill(resid.new_empty(resid.shape[0], m), lambda a, b: resid[a:b] @ w.T)
+    scale = proj.std(0).clamp_min(1e-8)
+    proj.div_(scale)
+    med = torch.cat([proj[:, j : j + 64].median(0).values for j in range(0, m, 64)])
+    del proj
+    stage.enc.weight.copy_(w / scale[:, None])
+    stage.enc.bias.copy_(-med)
+    enc_w, enc_b = stage.enc.weight, stage.enc.bias
+    W, c = _lstsq(lambda a, b: torch.sigmoid(beta * (resid[a:b] @ enc_w.T + enc_b)), resid, weight=row_weight)
+    stage.dec.weight.copy_(W)
+    stage.dec.bias.copy_(c)
+
+
+def _harden_stage(stage: _Stage, E: Rows, resid: torch.Tensor, hard: torch.Tensor, cfg: LightTokenConfig,
+                  row_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """The trained stage's hard codes 1[z > 0] into ``hard`` (uint8 [n, m], a view of B), its decoder refit to
+    them (``cfg.refit``), and the residual updated in place, R <- R - (W_d b + b_d).
+
+    Returns (W_d float32 [d, m], b_d [d], statistics with the squared Frobenius norms of the residual left by
+    the trained and by the refit decoder, ``sq_hard`` / ``sq_refit``)."""
+    n, m = hard.shape
+    enc_w, enc_b = stage.enc.weight.detach(), stage.enc.bias.detach()
+    dec_w, dec_b = stage.dec.weight.detach().clone(), stage.dec.bias.detach().clone()
+    sat = ones = 0
+    sq_hard = sq_refit = 0.0
+    for i, j in _ranges(n):
+        z = _rows(lambda a, b: resid[a:b] @ enc_w.T + enc_b, i, j)
+        soft = torch.sigmoid(cfg.beta_end * z)
+        sat += int(((soft < 0.05) | (soft > 0.95)).sum())
+        hard[i:j] = z > 0
+        ones += int(hard[i:j].sum())
+        sq_hard += _sq(resid[i:j] - (_rows(lambda a, b: hard[a:b].float() @ dec_w.T, i, j) + dec_b))
+    if cfg.refit:
+        dec_w, dec_b = _lstsq(hard, resid, weight=row_weight)
+    row_cos = torch.empty(n)
+    for i, j in _ranges(n):
+        resid[i:j] = resid[i:j] - (_rows(lambda a, b: hard[a:b].float() @ dec_w.T, i, j) + dec_b)
+        sq_refit += _sq(resid[i:j])
+        e = _rows(E, i, j)
+        row_cos[i:j] = _row_cos(e, e - resid[i:j]).cpu()
+    st = {"bits": m, "saturation": sat / max(1, n * m), "bit_balance": ones / max(1, n * m), "sq_hard": sq_hard,
+          "sq_refit": sq_refit, "row_cos": float(row_cos.mean())}
+    return dec_w, dec_b, st
+
+
+def _lowrank_target(E: Rows, P: torch.Tensor, Q: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+    """Rows of E - P Q^T (what the codes and decoder fit)."""
+    return lambda i, j: _rows(E, i, j) - P[i:j] @ Q.T
+
+
+def _lowrank_of_rest(E: Rows, B: torch.Tensor, W: torch.Tensor, c: torch.Tensor,
+                     Q: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+    """Rows of P = (E - B W^T - c) Q, the low-rank part refit given the codes."""
+    return lambda i, j: (_rows(E, i, j) - B[i:j].float() @ W.T - c) @ Q
+
+
+def _recon(P: torch.Tensor, Q: torch.Tensor, B: torch.Tensor, W: torch.Tensor,
+           c: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+    """Rows of E_hat = P Q^T + B W^T + c (B uint8 codes)."""
+    return lambda i, j: P[i:j] @ Q.T + B[i:j].float() @ W.T + c
+
+
+def _fit(weight: torch.Tensor, cfg: LightTokenConfig, holdout: torch.Tensor | None = None, log: bool = True,
+         row_weight: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> dict:
+    """Fit all parts to E = ``weight[rows]`` (float [n, d]; all rows when ``rows`` (int64 [n] ids) is None).
+
+    Returns the float32 tensors P [n, k], Q [d, k], W [d, M], c [d] (rounded to cfg.dtype), the hard codes
+    B (uint8 {0,1} [n, M]) and statistics. ``row_weight`` (float [n], mean 1): per-row weights of the loss and
+    of the least-squares refits. Memory beside ``weight``: the residual (float32 [n, d]), B and, while a stage
+    is initialised, its projections [n, m_s]; everything else is computed :data:`ROW_CHUNK` rows at a time
+    (the rows selected by ``rows`` are gathered a chunk at a time, never copied whole).
     """
-    E = weight.float()
-    w_rows = None if row_weight is None else row_weight.float().to(E.device)
-    V, d = E.shape
+    W_in = weight.float()
+    dev = W_in.device
+    ids = None if rows is None else rows.to(dev)
+    n = W_in.shape[0] if ids is None else ids.numel()
+    d = W_in.shape[1]
+
+    def E(i: int, j: int) -> torch.Tensor:  # rows [i, j) of the fitted matrix
+        return W_in[i:j] if ids is None else W_in[ids[i:j]]
+
+    w_rows = None if row_weight is None else row_weight.float().to(dev)
     k = cfg.rank
     stats: dict[str, Any] = {}
     t0 = time.perf_counter()
-    P, Q = _lowrank(E, k)
-    Q = round_to_dtype(Q, cfg.dtype)
-    P = E @ Q
-    base = P @ Q.T
-    resid = E - base
-    all_codes, decs, biases, encs = [], [], [], []
+    Q = round_to_dtype(_lowrank_q(E, n, d, k), cfg.dtype)
+    P = _fill(W_in.new_empty(n, k), lambda a, b: E(a, b) @ Q)
+    e_norm = max(sum(_sq(E(i, j)) for i, j in _ranges(n)) ** 0.5, 1e-300)
+    resid = _fill(W_in.new_empty(n, d), _lowrank_target(E, P, Q))
+    # the row id rides along with the residual in the training rows: a batch gathers its rows of E
+    row_ids = (torch.arange(n, device=dev) if ids is None else ids).float()[:, None]
+    B = torch.zeros(n, cfg.num_bits, dtype=torch.uint8, device=dev)
+    beta_ratio = cfg.beta_end / cfg.beta_start
+
+    def step(module: nn.Module, batch: torch.Tensor, progress: float) -> torch.Tensor:
+        r, e = batch[:, :d], W_in[batch[:, d].long().to(dev)].to(batch.device)
+        b0 = e - r
+        w = batch[:, d + 1] if batch.shape[1] > d + 1 else None
+        beta = cfg.beta_start * beta_ratio ** min(1.0, progress / 0.8)
+        h = torch.sigmoid(beta * module.enc(e - b0))
+        return lighttoken_loss(e, b0 + module.dec(h), cfg.lam, weight=w)
+
+    decs, biases, encs = [], [], []
+    off = 0
     for s, m in enumerate(cfg.stage_bits):
-        gen = torch.Generator().manual_seed(cfg.seed * 1009 + s)
         stage = _Stage(d, m)
         with torch.no_grad():
-            # init: random directions scaled to unit-variance projections, centred on the median (balanced
-            # bits); decoder = least squares on the initial soft codes
-            w = torch.randn(m, d, generator=gen).to(E.device)
-            proj = resid @ w.T
-            scale = proj.std(0).clamp_min(1e-8)
-            stage.enc.weight.copy_(w / scale[:, None])
-            stage.enc.bias.copy_(-(proj / scale).median(0).values)
-            soft = torch.sigmoid(cfg.beta_start * (resid @ stage.enc.weight.T + stage.enc.bias))
-            W, c = _lstsq(soft, resid, weight=w_rows)
-            stage.dec.weight.copy_(W)
-            stage.dec.bias.copy_(c)
-        beta_ratio = cfg.beta_end / cfg.beta_start
-
-        def step(module: nn.Module, batch: torch.Tensor, progress: float) -> torch.Tensor:
-            e, b0 = batch[:, :d], batch[:, d : 2 * d]
-            w = batch[:, 2 * d] if batch.shape[1] > 2 * d else None
-            beta = cfg.beta_start * beta_ratio ** min(1.0, progress / 0.8)
-            h = torch.sigmoid(beta * module.enc(e - b0))
-            return lighttoken_loss(e, b0 + module.dec(h), cfg.lam, weight=w)
-
+            _init_stage(stage, resid, torch.Generator().manual_seed(cfg.seed * 1009 + s), cfg.beta_start, w_rows)
         if cfg.epochs > 0:
-            rows = [E, E - resid] + ([] if w_rows is None else [w_rows[:, None]])
-            train_rows(stage, torch.cat(rows, 1), step, epochs=cfg.epochs, batch_size=cfg.batch_size,
+            parts = [resid, row_ids] + ([] if w_rows is None else [w_rows[:, None]])
+            train_rows(stage, parts, step, epochs=cfg.epochs, batch_size=cfg.batch_size,
                        lr=cfg.lr, seed=cfg.seed * 1009 + s, desc=f"lighttoken stage {s + 1}/{cfg.stages}")
-        stage.to(E.device)  # train_rows may have moved it to the accelerator's device
+        stage.to(dev)  # train_rows may have moved it to the accelerator's device
         with torch.no_grad():
-            z = resid @ stage.enc.weight.T + stage.enc.bias
-            soft = torch.sigmoid(cfg.beta_end * z)
-            sat = float(((soft < 0.05) | (soft > 0.95)).float().mean())
-            hard = (z > 0).float()
-            dec_w, dec_b = stage.dec.weight.detach().clone(), stage.dec.bias.detach().clone()
-            before = resid - (hard @ dec_w.T + dec_b)
-            if cfg.refit:
-                dec_w, dec_b = _lstsq(hard, resid, weight=w_rows)
-            after = resid - (hard @ dec_w.T + dec_b)
-            e_now = E - after
-            st = {
-                "bits": m,
-                "saturation": sat,
-                "bit_balance": float(hard.mean()),
-                "rel_frob_hard": float(before.norm() / E.norm()),
-                "rel_frob_refit": float(after.norm() / E.norm()),
-                "row_cos": float(_row_cos(E, e_now).mean()),
-            }
-            stats[f"stage{s + 1}"] = st
-            if log:
-                logger.info("lighttoken stage %d: %s", s + 1, st)
-            resid = after
-            all_codes.append(hard)
-            decs.append(dec_w)
-            biases.append(dec_b)
-            encs.append((stage.enc.weight.detach().clone(), stage.enc.bias.detach().clone()))
-    B = torch.cat(all_codes, 1)
+            dec_w, dec_b, st = _harden_stage(stage, E, resid, B[:, off : off + m], cfg, w_rows)
+        st["rel_frob_hard"] = st.pop("sq_hard") ** 0.5 / e_norm
+        st["rel_frob_refit"] = st.pop("sq_refit") ** 0.5 / e_norm
+        stats[f"stage{s + 1}"] = st
+        if log:
+            logger.info("lighttoken stage %d: %s", s + 1, st)
+        decs.append(dec_w)
+        biases.append(dec_b)
+        encs.append((stage.enc.weight.detach().clone(), stage.enc.bias.detach().clone()))
+        off += m
+    del resid
     W = torch.cat(decs, 1)
     c = torch.stack(biases).sum(0)
     with torch.no_grad():
-        def recon(P_, W_, c_):
-            return P_ @ Q.T + B @ W_.T + c_
-
-        stats["before_refit"] = _summary(E, recon(P, W, c))
+        stats["before_refit"] = _summary(E, _recon(P, Q, B, W, c), n)
         if cfg.refit:
             for _ in range(2):
-                W, c = _lstsq(B, E - P @ Q.T, weight=w_rows)
+                W, c = _lstsq(B, _lowrank_target(E, P, Q), weight=w_rows)
                 if k:
-                    P = (E - B @ W.T - c) @ Q
-            W, c = _lstsq(B, E - round_to_dtype(P, cfg.dtype) @ Q.T, weight=w_rows)
+                    P = _fill(P.new_empty(n, k), _lowrank_of_rest(E, B, W, c, Q))
+            W, c = _lstsq(B, _lowrank_target(E, round_to_dtype(P, cfg.dtype), Q), weight=w_rows)
         P, W, c = round_to_dtype(P, cfg.dtype), round_to_dtype(W, cfg.dtype), round_to_dtype(c, cfg.dtype)
-        stats["after_refit"] = _summary(E, recon(P, W, c))
+        stats["after_refit"] = _summary(E, _recon(P, Q, B, W, c), n)
         out = {"P": P, "Q": Q, "W": W, "c": c, "B": B, "stats": stats}
         if holdout is not None:
             Eh = holdout.float()
             Ph = Eh @ Q
             r = Eh - Ph @ Q.T
-            codes = []
+            codes_h = []
             for (we, be), dw, db in zip(encs, decs, biases):
                 h = ((r @ we.T + be) > 0).float()
-                codes.append(h)
+                codes_h.append(h)
                 r = r - (h @ dw.T + db)
-            Bh = torch.cat(codes, 1)
+            Bh = torch.cat(codes_h, 1)
             if k:
                 Ph = (Eh - Bh @ W.T - c) @ Q
             out["holdout_cos"] = float(_row_cos(Eh, Ph @ Q.T + Bh @ W.T + c).mean())
@@ -445,12 +542,20 @@ def _fit(weight: torch.Tensor, cfg: LightTokenConfig, holdout: torch.Tensor | No
     return out
 
 
-def _summary(E: torch.Tensor, E_hat: torch.Tensor) -> dict[str, float]:
-    cos = _row_cos(E, E_hat)
+def _summary(E: Rows, E_hat: Rows, n: int) -> dict[str, float]:
+    """Row cosine (mean, 1st percentile) and relative Frobenius error of E_hat against E, row sources [n, d]
+    compared :data:`ROW_CHUNK` rows at a time."""
+    cos = torch.empty(n)
+    err = ref = 0.0
+    for i, j in _ranges(n):
+        e, e_hat = _rows(E, i, j), _rows(E_hat, i, j)
+        cos[i:j] = _row_cos(e, e_hat).cpu()
+        err += _sq(e - e_hat)
+        ref += _sq(e)
     return {
         "row_cos": float(cos.mean()),
         "row_cos_p01": float(torch.quantile(cos, 0.01)),
-        "rel_frob": float((E - E_hat).norm() / E.norm()),
+        "rel_frob": (err / max(ref, 1e-300)) ** 0.5,
     }
 
 
@@ -495,22 +600,32 @@ class LightTokenMethod(CompressionMethod):
             row_weight = (row_weight / row_weight.mean()).float()
         elif config.freq_power > 0:
             logger.warning("lighttoken: freq_power=%g but no token counts; every row weighs the same.", config.freq_power)
-        fitted = _fit(weight if mask is None else weight[mask], config, row_weight=row_weight)
+        keep = None if mask is None else torch.nonzero(mask).flatten()
+        fitted = _fit(weight, config, row_weight=row_weight, rows=keep)
         st = fitted["stats"]
         B, P = fitted["B"], fitted["P"]
         if mask is not None:
             B = B.new_zeros(V, B.shape[1]).index_put_((mask,), B)
             P = P.new_zeros(V, P.shape[1]).index_put_((mask,), P)
-            E_hat = P @ fitted["Q"].T + B @ fitted["W"].T + fitted["c"]
-            E_hat[ids] = round_to_dtype(weight[ids], config.dtype)
-            st["with_exact_rows"] = _summary(weight.float(), E_hat)
+            exact = round_to_dtype(weight[ids], config.dtype)
+            slot = torch.full((V,), -1, dtype=torch.int64, device=weight.device)
+            slot[ids] = torch.arange(n, device=weight.device)
+            Q, W, c = fitted["Q"], fitted["W"], fitted["c"]
+
+            def e_hat(i: int, j: int) -> torch.Tensor:
+                out = P[i:j] @ Q.T + B[i:j].float() @ W.T + c
+                at = slot[i:j]
+                out[at >= 0] = exact[at[at >= 0]]
+                return out
+
+            st["with_exact_rows"] = _summary(lambda i, j: weight[i:j].float(), e_hat, V)
             st["exact_rows"] = n
         logger.info("lighttoken refit: row cos %.4f -> %.4f, rel. Frobenius %.4f -> %.4f",
                     st["before_refit"]["row_cos"], st["after_refit"]["row_cos"],
                     st["before_refit"]["rel_frob"], st["after_refit"]["rel_frob"])
         LightTokenMethod.last_stats = st
         state = {
-            "codes": pack_bits(B.to(torch.uint8)).contiguous(),
+            "codes": torch.cat([pack_bits(B[i:j]) for i, j in _ranges(V)]).contiguous(),
             "decoder": fitted["W"].contiguous(),
             "decoder_bias": fitted["c"].contiguous(),
         }

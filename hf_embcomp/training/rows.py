@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -26,7 +27,7 @@ StepFn = Callable[[nn.Module, torch.Tensor, float], torch.Tensor]
 
 def train_rows(
     module: nn.Module,
-    rows: torch.Tensor,
+    rows: torch.Tensor | Sequence[torch.Tensor],
     step_fn: StepFn,
     *,
     epochs: int,
@@ -44,7 +45,9 @@ def train_rows(
 
     Args:
         module: the trainable model (moved to the accelerator's device).
-        rows: float32 [N, d], the training rows (e.g. the token embedding E or a residual).
+        rows: float32 [N, d], the training rows (e.g. the token embedding E or a residual); or a sequence of
+            float32 [N, d_i] whose batches are joined column-wise (a batch of ``(E, R)`` equals the batch of
+            ``torch.cat([E, R], 1)`` without that [N, sum d_i] copy of every row).
         step_fn: computes the loss of a batch; gets the training progress (epoch fraction / epochs).
         epochs, batch_size, lr: the schedule; rows are reshuffled every epoch by a seeded generator.
         lr_decay_every: StepLR period in epochs (None: constant lr); ``lr_decay`` its gamma.
@@ -60,8 +63,8 @@ def train_rows(
     opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, lr_decay_every, lr_decay) if lr_decay_every else None
     module, opt = acc.prepare(module, opt)
-    data = rows.to(acc.device)
-    n = data.shape[0]
+    parts = [t.to(acc.device) for t in ([rows] if isinstance(rows, torch.Tensor) else rows)]
+    n = parts[0].shape[0]
     steps_per_epoch = math.ceil(n / batch_size)
     history: list[float] = []
     bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=progress_disabled() or not acc.is_local_main_process,
@@ -71,7 +74,8 @@ def train_rows(
         perm = torch.randperm(n, generator=gen).to(acc.device)
         total = 0.0
         for i in range(steps_per_epoch):
-            batch = data[perm[i * batch_size : (i + 1) * batch_size]]
+            idx = perm[i * batch_size : (i + 1) * batch_size]
+            batch = parts[0][idx] if len(parts) == 1 else torch.cat([t[idx] for t in parts], 1)
             progress = (epoch + i / steps_per_epoch) / epochs
             loss = step_fn(module, batch, progress)
             opt.zero_grad(set_to_none=True)
