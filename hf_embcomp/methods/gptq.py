@@ -69,7 +69,7 @@ import torch
 
 from ..hub_code.embcomp_base import pack_bits
 from ..hub_code.embcomp_gptq import VQ_TAG, hadamard_matrix
-from .base import CompressionMethod, MethodConfig, RatioError, check_ratio, register_method, rows_of
+from .base import DTYPE_BYTES, CompressionMethod, MethodConfig, RatioError, check_ratio, register_method, rows_of
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ coordinate, k = 4 at 1.5 to 2, k = 2 at 3 to 4 (no 2^11-entry codebook: its k-me
 k = 2 at 7 bits, 254 bytes, 0.0012 against ~0.0018 interpolated between 3 and 4-bit scalar codes)."""
 VQ_SPAN = (0.5, 2.0)
 """A vector tier is offered where its bits a coordinate are within this factor of the budget's bits per weight."""
+VQ_BOOK_SHARE = 0.02
+"""A vector tier is offered only where its codebook takes at most this share of the byte budget (small matrices)."""
 VQ_MAX_BITS = 14
 
 
@@ -228,7 +230,8 @@ class GPTQConfig(MethodConfig):
     def from_ratio(cls, num_embeddings: int, embedding_dim: int, ratio: float, **overrides: Any) -> "GPTQConfig":
         """The budget V d 4 / ratio and a data-free split of the rows over two tiers adjacent in cost within it.
         Vector tiers (``vq_bits`` / ``vq_dims``, default: the (bits, k) pairs of :data:`VQ_GRID` whose k divides d
-        and whose bits a coordinate lie within :data:`VQ_SPAN` of the budget's) join the scalar ones.
+        and whose bits a coordinate lie within :data:`VQ_SPAN` of the budget's, and whose codebook is at most
+        :data:`VQ_BOOK_SHARE` of the budget) join the scalar ones.
 
         Raises:
             RatioError: even every row in the cheapest tier stores too much (the message gives the range).
@@ -238,7 +241,9 @@ class GPTQConfig(MethodConfig):
         overrides = {k: v for k, v in overrides.items() if k != "target_bytes"}
         if "vq_bits" not in overrides:
             bpw = 32.0 / ratio
-            grid = [(b, k) for b, k in VQ_GRID if d % k == 0 and VQ_SPAN[0] <= b / k / bpw <= VQ_SPAN[1]]
+            book_cap = VQ_BOOK_SHARE * V * d * 4 / ratio / DTYPE_BYTES.get(overrides.get("dtype", "float16"), 2)
+            grid = [(b, k) for b, k in VQ_GRID if d % k == 0 and VQ_SPAN[0] <= b / k / bpw <= VQ_SPAN[1]
+                    and (1 << b) * k <= book_cap]
             if overrides.get("tier_rows") is not None:
                 grid = []
             overrides["vq_bits"], overrides["vq_dims"] = tuple(b for b, _ in grid), tuple(k for _, k in grid)
