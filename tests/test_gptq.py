@@ -70,6 +70,15 @@ def test_calibration_text_errors_are_one_line(tmp_path):
         calibration_text(short)
 
 
+def _assert_reload_equal(comp, folder) -> None:
+    """Saved and reloaded through trust_remote_code, the model gives the same logits bit for bit."""
+    comp.save_pretrained(folder)
+    back = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    x = torch.randint(0, 1000, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, comp(x).logits)
+
+
 def test_codes_pack_and_unpack_for_every_width():
     g = torch.Generator().manual_seed(1)
     for bits in range(1, 9):
@@ -126,11 +135,7 @@ def test_gptq_model_meets_its_ratio_decodes_consistently_and_reloads(tmp_path):
     # the most frequent rows (high ids here) got at least as many bits as the rarest
     rb = emb.row_bits.long()
     assert rb[-100:].float().mean() >= rb[:100].float().mean()
-    comp.save_pretrained(tmp_path)
-    back = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
-    x = torch.randint(0, 1000, (1, 12))
-    with torch.no_grad():
-        assert torch.equal(back(x).logits, comp(x).logits)
+    _assert_reload_equal(comp, tmp_path)
 
 
 def test_explicit_tier_rows_are_kept():
@@ -235,11 +240,7 @@ def test_vector_tiers_decode_consistently_meet_the_ratio_and_reload(tmp_path):
         for n in (1, 3, 9):  # codebook tables (<= 4 rows) and decoded chunks
             h = torch.randn(n, 32)
             assert torch.allclose(emb(logits_from=h), h @ E.T, atol=1e-4)
-    comp.save_pretrained(tmp_path)
-    back = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
-    x = torch.randint(0, 1000, (1, 12))
-    with torch.no_grad():
-        assert torch.equal(back(x).logits, comp(x).logits)
+    _assert_reload_equal(comp, tmp_path)
 
 
 def test_from_ratio_offers_vector_tiers_near_the_budget_and_counts_their_codebooks():

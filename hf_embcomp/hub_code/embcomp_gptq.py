@@ -252,7 +252,7 @@ class GroupQuantEmbedding(CompressedEmbedding):
         return self._hadamard(x) * self._signs(x.dtype) if self.rotation_block else x
 
     def _decode(self, name: str, rows: torch.Tensor | slice, padded: bool = False) -> torch.Tensor:
-        """Rotated rows ``rows`` of tier ``name`` ("b4", "v9") -> float [n, d] (``padded``, scalar tiers:
+        """Rotated rows ``rows`` of tier ``name`` ("b4", "v0") -> float [n, d] (``padded``, scalar tiers:
         [n, G * group_size], the padding coordinates of the last group hold its min; a tied head multiplies them
         by zeros)."""
         if name[0] == "v":
@@ -271,10 +271,11 @@ class GroupQuantEmbedding(CompressedEmbedding):
         return out if padded else out[..., :d]
 
     def _vq_indices(self, t: int, rows: torch.Tensor | slice) -> torch.Tensor:
-        """int64 [n, d / k]: the codebook indices of rows ``rows`` of vector tier t."""
+        """int64 [n, d / k]: the codebook indices of rows ``rows`` of vector tier t (unpacked through the float
+        table path of :func:`unpack_codes`, exact for indices < 2^24)."""
         codebook = getattr(self, f"codebook_v{t}")
         bits, k = codebook.shape[0].bit_length() - 1, codebook.shape[1]
-        return unpack_codes(getattr(self, f"codes_v{t}")[rows], bits, self.embedding_dim // k, torch.int64)
+        return unpack_codes(getattr(self, f"codes_v{t}")[rows], bits, self.embedding_dim // k, torch.float32).long()
 
     def _decode_vq(self, t: int, rows: torch.Tensor | slice) -> torch.Tensor:
         """Rotated rows of vector tier t -> float [n, d]: scale_v * C[c_vj] for every sub-vector j."""

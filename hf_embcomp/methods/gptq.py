@@ -239,13 +239,12 @@ class GPTQConfig(MethodConfig):
         ratio = check_ratio(ratio)
         V, d = num_embeddings, embedding_dim
         overrides = {k: v for k, v in overrides.items() if k != "target_bytes"}
-        if "vq_bits" not in overrides:
+        if "vq_bits" not in overrides:  # explicit tier_rows: scalar tiers only
             bpw = 32.0 / ratio
             book_cap = VQ_BOOK_SHARE * V * d * 4 / ratio / DTYPE_BYTES.get(overrides.get("dtype", "float16"), 2)
-            grid = [(b, k) for b, k in VQ_GRID if d % k == 0 and VQ_SPAN[0] <= b / k / bpw <= VQ_SPAN[1]
-                    and (1 << b) * k <= book_cap]
-            if overrides.get("tier_rows") is not None:
-                grid = []
+            grid = [] if overrides.get("tier_rows") is not None else [
+                (b, k) for b, k in VQ_GRID if d % k == 0 and VQ_SPAN[0] <= b / k / bpw <= VQ_SPAN[1]
+                and (1 << b) * k <= book_cap]
             overrides["vq_bits"], overrides["vq_dims"] = tuple(b for b, _ in grid), tuple(k for _, k in grid)
         if "group_size" not in overrides:  # larger groups (fewer scales) where the default cannot reach the ratio
             for g in GROUP_GRID:
@@ -511,9 +510,10 @@ def gptvq_rows(W: torch.Tensor, hinv_u: torch.Tensor, codebook: torch.Tensor, k:
             metric = torch.linalg.inv(U.T).float()  # U_BB^-T: distances in its image are the GPTQ error
             wb = W1[:, a:b]
             c = nearest(wb @ metric.T, codebook @ metric.T, chunk)
+            q = codebook[c]
             idx[:, (i1 + a) // k] = c
-            Q[:, i1 + a : i1 + b] = codebook[c]
-            E1[:, a:b] = ((wb - codebook[c]).double() @ torch.linalg.inv(U)).float()  # e_B U_BB^-1
+            Q[:, i1 + a : i1 + b] = q
+            E1[:, a:b] = ((wb - q).double() @ torch.linalg.inv(U)).float()  # e_B U_BB^-1
             if b < i2 - i1:
                 W1[:, b:] -= E1[:, a:b] @ hinv_u[i1 + a : i1 + b, i1 + b : i2]
         if i2 < d:
