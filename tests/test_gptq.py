@@ -258,4 +258,27 @@ def test_from_ratio_offers_vector_tiers_near_the_budget_and_counts_their_codeboo
     for cfg in (low, mid):  # the data-free split is within the budget, codebooks included
         assert cfg.stored_bytes(V, d) <= cfg.target_bytes
         books = sum((1 << b) * k * 2 for b, k, n in zip(cfg.vq_bits, cfg.vq_dims, cfg.vq_rows) if n)
-        assert cfg.fixed_bytes(V, d, used_only=True) == V + d // 8 + books
+        assert cfg.fixed_bytes(V, d, used_only=True) == V + d // 8 + books + 2 * d  # + the fp16 mean row
+
+
+def test_mean_row_is_stored_and_lowers_the_error_of_rows_that_share_it():
+    m = tiny_model("llama")
+    with torch.no_grad():  # rows = a common pattern (3x their own spread) + their own part
+        w = m.get_input_embeddings().weight
+        w += 3 * w.std() * torch.randn(w.shape[1], generator=torch.Generator().manual_seed(5))
+    E = m.get_input_embeddings().weight.detach().clone()
+    cal = Calibration(torch.arange(1000), torch.eye(32, dtype=torch.float64) + 0.5, None, 0, "test")
+    errors = {}
+    for center in (True, False):
+        comp = hf_embcomp.compress(m, "gptq", 8, calibration=cal, center=center)
+        emb = comp.get_compressed_embedding()
+        hp = comp.compression_report["hyperparameters"]
+        cfg = GPTQConfig(**{k: v for k, v in hp.items() if k in {f.name for f in dataclasses.fields(GPTQConfig)}})
+        stored = sum(t.numel() * t.element_size() for t in emb.state_dict().values())
+        assert stored == cfg.stored_bytes(1000, 32) and comp.compression_report["compression_ratio"] >= 8
+        assert hasattr(emb, "row_mean") == center
+        errors[center] = float((emb.reconstruct() - E).norm() / E.norm())
+        h = torch.randn(3, 32)
+        with torch.no_grad():  # the mean row enters lookups and tied logits alike
+            assert torch.allclose(emb(logits_from=h), h @ emb.reconstruct().T, atol=1e-4)
+    assert errors[True] < 0.7 * errors[False], errors

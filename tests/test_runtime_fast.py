@@ -31,15 +31,17 @@ def _random(block: dict, seed: int = 0):
 
 
 def _gptq(V: int = 300, d: int = 96, bits=(1, 2, 3, 4, 5, 8), rows=(60, 50, 50, 40, 50, 50), group=64,
-          vq=((9, 8, 0), (6, 2, 0))):
-    """Random tensors in the gptq format; ``vq``: (index bits, k, rows) of the vector tiers."""
+          vq=((9, 8, 0), (6, 2, 0)), center: bool = True):
+    """Random tensors in the gptq format; ``vq``: (index bits, k, rows) of the vector tiers; ``center``: with a
+    mean row."""
     V = V + sum(n for _, _, n in vq)
     block = {"method": "gptq", "num_embeddings": V, "embedding_dim": d, "padding_idx": None, "embed_scale": None,
              "storage_dtype": "float32", "hyperparameters": {"bits": list(bits), "tier_rows": list(rows),
                                                              "vq_bits": [b for b, _, _ in vq],
                                                              "vq_dims": [k for _, k, _ in vq],
                                                              "vq_rows": [n for _, _, n in vq],
-                                                             "group_size": group, "rotation_block": 32}}
+                                                             "group_size": group, "rotation_block": 32,
+                                                             "center": center}}
     emb = _random(block)
     rb = torch.cat([torch.full((n,), b, dtype=torch.uint8) for b, n in zip(bits, rows)]
                    + [torch.full((n,), 128 + t, dtype=torch.uint8) for t, (_, _, n) in enumerate(vq)])
@@ -64,6 +66,8 @@ def _gptq_reference(emb) -> torch.Tensor:
         c = (stream * (2 ** torch.arange(b - 1, -1, -1))).sum(-1)
         tiers.append(getattr(emb, f"codebook_v{t}").double()[c].reshape(n, d) * getattr(emb, f"scales_v{t}").double())
     x = torch.cat(tiers)[emb._index()[1]]
+    if emb.hparams.get("center"):  # the stored rows are centred: the mean row comes back before the rotation
+        x = x + emb.row_mean.double()
     B = emb.rotation_block
     signs = 1 - 2 * unpack_bits(emb.rotation_signs, d, torch.float64)
     return (x.view(-1, d // B, B) @ hadamard_matrix(B, torch.float64)).view(-1, d) * signs
@@ -79,9 +83,9 @@ def test_unpack_codes_float_paths_match_the_integer_path():
         assert torch.equal(unpack_codes(packed, bits, 37, torch.float32), ref.float()), bits
 
 
-@pytest.mark.parametrize("group,vq", [(64, ()), (48, ((9, 8, 40), (6, 2, 30)))])  # 64: the last group of 96 is
-def test_gptq_tables_and_decode_match_the_reference(group, vq):  # half empty (padding); 48: full, + vector tiers
-    emb = _gptq(group=group, vq=vq)
+@pytest.mark.parametrize("group,vq,center", [(64, (), False), (48, ((9, 8, 40), (6, 2, 30)), True)])  # 64: the
+def test_gptq_tables_and_decode_match_the_reference(group, vq, center):  # last group of 96 is half empty
+    emb = _gptq(group=group, vq=vq, center=center)  # (padding); 48: full, + vector tiers and a mean row
     E = _gptq_reference(emb)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():

@@ -10,7 +10,9 @@ B x B Sylvester-Hadamard matrix, signs a fixed random +-1 vector), in one of two
   into d / k sub-vectors of k coordinates, each a b-bit index into the tier's codebook C [2^b, k], times one
   scale per row: x'_{[jk, (j+1)k)} = scale_v * C[c_vj].
 
-Rows of one tier are stored in vocabulary order; ``row_bits`` says which tier a row is in.
+Rows of one tier are stored in vocabulary order; ``row_bits`` says which tier a row is in. With ``center`` (the
+default of fits since the mean row was added), the tiers hold x' - mu and ``row_mean`` mu [d] (rotated basis) is
+added to every decoded row.
 
 Runtime code: ships in every compressed model repository; imports only torch and sibling files.
 """
@@ -118,6 +120,7 @@ class GroupQuantEmbedding(CompressedEmbedding):
     float [n_b, ceil(d/group_size)]; per vector tier t (b = ``vq_bits[t]``, k = ``vq_dims[t]``) with n_t =
     ``vq_rows[t]`` > 0 rows: ``codes_v{t}`` uint8 [n_t, ceil(d/k*b/8)] (d / k indices a row, a big-endian bit
     stream), ``codebook_v{t}`` float [2^b, k] and ``scales_v{t}`` float [n_t, 1].
+    ``row_mean`` float [d] (rotated basis; present when ``center`` is true) is added to every decoded row.
     Hyper-parameters: ``bits`` (list), ``tier_rows`` (list, same length), ``vq_bits``, ``vq_dims`` (each dividing
     d) and ``vq_rows`` (lists, optional), all rows summing to V; ``group_size``, ``rotation_block`` (B, a power
     of 2 dividing d; 0: no rotation).
@@ -155,6 +158,15 @@ class GroupQuantEmbedding(CompressedEmbedding):
         return [(f"b{b}", b, n) for b, n in self.tiers] + [(f"v{t}", VQ_TAG + t, n) for t, _, _, n in self.vq_tiers]
 
     @property
+    def centered(self) -> bool:
+        """Whether the rows are stored minus ``row_mean`` (False for checkpoints without the hyper-parameter)."""
+        return bool(self.hparams.get("center", False))
+
+    def _add_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotated decoded rows x [n, d] -> x + mu where the rows are stored centred."""
+        return x + self.row_mean.to(x.dtype) if self.centered else x
+
+    @property
     def group_size(self) -> int:
         return int(self.hparams["group_size"])
 
@@ -184,6 +196,8 @@ class GroupQuantEmbedding(CompressedEmbedding):
             self.register_buffer(f"codes_b{b}", torch.empty(n, (d * b + 7) // 8, dtype=torch.uint8), persistent=True)
             setattr(self, f"scales_b{b}", nn.Parameter(torch.empty(n, G)))
             setattr(self, f"mins_b{b}", nn.Parameter(torch.empty(n, G)))
+        if self.centered:
+            self.row_mean = nn.Parameter(torch.empty(d))
         for t, b, k, n in self.vq_tiers:
             self.register_buffer(f"codes_v{t}", torch.empty(n, (d // k * b + 7) // 8, dtype=torch.uint8), persistent=True)
             setattr(self, f"codebook_v{t}", nn.Parameter(torch.empty(1 << b, k)))
@@ -301,7 +315,7 @@ class GroupQuantEmbedding(CompressedEmbedding):
                 hit = torch.nonzero(bits_of == tag).flatten()
                 if hit.numel():
                     out = out.index_copy(0, hit, self._decode(name, p[hit]).to(out.dtype))
-        return self.unrotate(out).reshape(*input_ids.shape, self.embedding_dim)
+        return self.unrotate(self._add_mean(out)).reshape(*input_ids.shape, self.embedding_dim)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         _, order = self._index()
@@ -323,6 +337,8 @@ class GroupQuantEmbedding(CompressedEmbedding):
                 parts += [hr @ self._decode_vq(t, slice(i, i + self.logits_chunk)).T
                           for i in range(0, n, self.logits_chunk)]
         logits = torch.cat(parts, dim=-1).index_select(-1, order)  # tier order -> vocabulary order
+        if self.centered:  # h . (x' + mu) = h . x' + h . mu
+            logits = logits + (hr @ self.row_mean.to(hr.dtype)).unsqueeze(-1)
         return logits.reshape(*hidden.shape[:-1], self.num_embeddings)
 
     # --- byte tables (tied logits of a few hidden rows) ----------------------------------------------
@@ -395,4 +411,4 @@ class GroupQuantEmbedding(CompressedEmbedding):
     def reconstruct(self) -> torch.Tensor:
         _, order = self._index()
         out = torch.cat([self._decode(name, slice(None)).to(self.dtype) for name, _, _ in self.all_tiers]).index_select(0, order)
-        return self.unrotate(out)
+        return self.unrotate(self._add_mean(out))
