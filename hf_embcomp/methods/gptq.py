@@ -135,7 +135,9 @@ class GPTQConfig(MethodConfig):
         rotation_block: B of the randomised Hadamard transform (a power of 2 dividing d; 0: none; None: the
             largest power of 2 <= 64 dividing d).
         damp: GPTQ's dampening, a fraction of the mean diagonal of H.
-        count_floor: row weights are count + count_floor * mean count (module docstring, 5).
+        count_floor: row weights are count + count_floor * mean count (module docstring, 5). SmolLM2 25x,
+            4,096-token perplexity (stock 21.32): floor 3.0 35.00, 1.0 33.20, 0.3 32.81, 0.1 32.68; 0.3 keeps
+            more weight on the rows a calibration text rarely reads than the slightly better 0.1.
         refine: rounds of (refit the scales and mins to the codes, GPTQ again with them fixed) after the first
             GPTQ pass of each scalar tier, ending with a refit; each row keeps its best round (module docstring, 6).
         center: subtract the mean row before quantising and store it (d values at ``dtype``; module docstring,
@@ -154,7 +156,7 @@ class GPTQConfig(MethodConfig):
     group_size: int = 128
     rotation_block: int | None = None
     damp: float = 0.01
-    count_floor: float = 1.0
+    count_floor: float = 0.3
     refine: int = 1
     allocation: str = "fixed"
     center: bool = True
