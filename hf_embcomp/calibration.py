@@ -11,6 +11,13 @@ calibration text (never an evaluation text):
 - ``input_column_gain`` float64 [d]: per column j, E[y_j^2] / E[x_j^2] over the first normalisation layer
   after the embedding (x its input, y its output): the factor by which an input-side error of coordinate j is
   seen by the first block (g_j^2 / rms(x)^2 for an RMSNorm / LayerNorm with gain g).
+- ``input_sensitivity`` float64 [d, d] (models without an output head: encoders): S = E_t[J_t^T J_t] with J_t the
+  Jacobian of the model's sentence embedding (mean-pooled, L2-normalised last hidden state of a window) with
+  respect to the token embedding at position t. An input-row error delta at position t moves the sentence
+  embedding by J_t delta to first order, so delta^T S delta is its expected squared effect - the input-side
+  counterpart of Sigma (the "Hessian" of the output error, estimated with random probes: for r with
+  E[r r^T] = I, E[(r^T J delta)^2] = delta^T J^T J delta). all-MiniLM-L6-v2, gptq 25x, STS-B dev Spearman x100
+  (stock 86.72): 86.23 under the diagonal column gain, 86.57 under S (bench/results/quality_minilm_vs_llamacpp.json).
 
 The default text is the gensim Wikipedia text from character 1,000,000 on (:data:`hf_embcomp.frequency.
 DEFAULT_OFFSET`, where the token counts already start; the evaluation reads the first 20,000 tokens only).
@@ -34,6 +41,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_TOKENS = 16384
 """Tokens the model is run on (the token counts use the whole text)."""
 WINDOW = 512
+SENSITIVITY_WINDOW = 128
+"""Tokens per window of :func:`input_sensitivity` (sentence-length inputs, special tokens included)."""
+SENSITIVITY_PROBES = 4
+"""Random probe directions per window of :func:`input_sensitivity`."""
 
 
 class CalibrationError(ValueError):
@@ -51,6 +62,8 @@ class Calibration:
         tokens: tokens the model was run on (0: counts only).
         source: one line saying what text was used.
         text_file: the calibration file (None: the default text).
+        input_sensitivity: float64 [d, d] S = E[J^T J] of the pooled output (models without an output head), or
+            None.
     """
 
     token_counts: torch.Tensor | None
@@ -59,6 +72,7 @@ class Calibration:
     tokens: int = 0
     source: str = ""
     text_file: str | None = None
+    input_sensitivity: torch.Tensor | None = None
 
     def importance_matrix(self) -> torch.Tensor | None:
         """llama.cpp's importance matrix of the tied head: float64 [d], diag(Sigma) (None without a head)."""
@@ -82,6 +96,7 @@ class Calibration:
             "counted_tokens": None if self.token_counts is None else int(self.token_counts.sum()),
             "head_second_moment": self.head_second_moment is not None,
             "input_column_gain": self.input_column_gain is not None,
+            "input_sensitivity": self.input_sensitivity is not None,
         }
 
 
@@ -182,6 +197,81 @@ def collect(model: torch.nn.Module, ids: torch.Tensor, window: int = WINDOW, bos
     return sigma, gain, run
 
 
+def _special(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(ids before, ids after) a window: the tokenizer's CLS / BOS and SEP / EOS where it has them."""
+    pre = next((t for t in (getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "bos_token_id", None))
+                if t is not None), None)
+    post = next((t for t in (getattr(tokenizer, "sep_token_id", None), getattr(tokenizer, "eos_token_id", None))
+                 if t is not None), None)
+    return ([] if pre is None else [int(pre)]), ([] if post is None else [int(post)])
+
+
+def input_sensitivity(model: torch.nn.Module, ids: torch.Tensor, window: int = SENSITIVITY_WINDOW,
+                      probes: int = SENSITIVITY_PROBES, special: tuple[list[int], list[int]] = ([], []),
+                      batch: int = 16, seed: int = 0, quiet: bool = False) -> tuple[torch.Tensor, int]:
+    """S = E_t[J_t^T J_t] float64 [d, d] of the pooled output (module docstring), over windows of ``ids``.
+
+    Each window is ``special[0] + ids[i : i + w] + special[1]`` (w = ``window`` less the special tokens); its
+    sentence embedding is the L2-normalised mean of the last hidden state. Per window, ``probes``
+    directions r_1..r_p (the first columns of a seeded random orthogonal matrix: (d / p) sum_i r_i r_i^T has
+    expectation I, and is I at p = d) give g_i = d(r_i . pooled)/d e_t for every position t
+    (``torch.autograd.grad`` with respect to the token embeddings only: no parameter gradients are computed or
+    stored); S = (d / p) sum_t sum_i g_i g_i^T / tokens.
+
+    Args:
+        model: a stock transformers model without an output head (eval mode is set for the run and restored).
+        ids: int64 [N] token ids (the special tokens are added per window).
+        probes: 1..d.
+
+    Returns:
+        (S float64 [d, d], window positions run).
+    """
+    emb = model.get_input_embeddings()
+    d = emb.embedding_dim
+    probes = max(1, min(int(probes), d))
+    pre, post = (torch.tensor(x, dtype=torch.long) for x in special)
+    width = max(1, window - pre.numel() - post.numel())
+    wins = [torch.cat([pre, ids[i : i + width], post]) for i in range(0, int(ids.numel()), width)]
+    g = torch.Generator().manual_seed(int(seed) + 31337)
+    S = torch.zeros(d, d, dtype=torch.float64)
+    held: dict[str, torch.Tensor] = {}
+
+    def hook(_m, _args, out):  # the token embeddings become the leaf the gradients are taken for
+        held["e"] = out.detach().requires_grad_(True)
+        return held["e"]
+
+    handle = emb.register_forward_hook(hook)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    run = 0
+    try:
+        for b in tqdm(range(0, len(wins), batch), desc="calibration: input sensitivity", unit="batch",
+                      disable=quiet or progress.disabled()):
+            group = wins[b : b + batch]
+            n = max(w.numel() for w in group)
+            x = torch.zeros(len(group), n, dtype=torch.long)
+            mask = torch.zeros(len(group), n, dtype=torch.long)
+            for j, w in enumerate(group):
+                x[j, : w.numel()], mask[j, : w.numel()] = w, 1
+            with torch.enable_grad():
+                out = model(input_ids=x.to(device), attention_mask=mask.to(device), output_hidden_states=True)
+                h = out.hidden_states[-1]
+                m = mask.to(device).unsqueeze(-1).to(h.dtype)
+                pooled = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1), dim=-1)
+                r = torch.linalg.qr(torch.randn(len(group), d, d, generator=g, dtype=torch.float64))[0]
+                r = r[:, :, :probes].to(pooled)  # [windows, d, probes]: each window its own orthonormal probes
+                for i in range(probes):
+                    (grad,) = torch.autograd.grad(pooled, held["e"], grad_outputs=r[:, :, i], retain_graph=i < probes - 1)
+                    gt = grad[mask.bool().to(device)].double().cpu()  # [tokens, d]
+                    S += gt.T @ gt * (d / probes)
+            run += int(mask.sum())
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return S / max(run, 1), run
+
+
 def calibrate(model: torch.nn.Module, tokenizer: Any, text_file: str | Path | None = None,
               max_tokens: int = DEFAULT_TOKENS, quiet: bool = False) -> Calibration:
     """Token counts of the calibration text and the model's statistics on its first ``max_tokens`` tokens.
@@ -204,15 +294,17 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, text_file: str | Path | No
         counts = token_counts(tokenizer, _chunks(text), V, desc="calibration: counting tokens")
     if int(counts.sum()) == 0:
         raise CalibrationError(f"the calibration text ({desc}) has no tokens of this vocabulary.")
-    sigma = gain = None
+    sigma = gain = sens = None
     run = 0
     if max_tokens > 0:
         ids = torch.tensor(tokenizer(text[: max_tokens * 12], add_special_tokens=False, verbose=False)["input_ids"][:max_tokens])
         ids = ids[(ids >= 0) & (ids < V)]
         causal = model.get_output_embeddings() is not None if hasattr(model, "get_output_embeddings") else False
         sigma, gain, run = collect(model, ids, bos_id=needs_bos(tokenizer) if causal else None, quiet=quiet)
+        if not causal:
+            sens = input_sensitivity(model, ids, probes=SENSITIVITY_PROBES, special=_special(tokenizer), quiet=quiet)[0]
     return Calibration(counts, sigma, gain, run, desc + f", {int(counts.sum()):,} tokens counted",
-                       None if text_file is None else str(text_file))
+                       None if text_file is None else str(text_file), sens)
 
 
 def resolve_calibration(model: torch.nn.Module, tokenizer: Any, calibration: Any,

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_embcomp
-from hf_embcomp.calibration import Calibration, CalibrationError, calibration_text, collect
+from hf_embcomp.calibration import Calibration, CalibrationError, calibration_text, collect, input_sensitivity
 from hf_embcomp.methods.gptq import (GPTQConfig, allocate_bits, dequantise, gptq_rows, h_error, pack_codes, refine_rows,
                                      refit_scales, rotation_matrix)
 from hf_embcomp.hub_code.embcomp_gptq import unpack_codes
@@ -55,6 +55,34 @@ def test_collect_matches_a_hand_computed_second_moment_and_gain():
     cal = Calibration(None, sigma, gain)
     assert torch.allclose(cal.importance_matrix(), torch.diagonal(sigma))
     assert abs(float(cal.column_weights().mean()) - 1) < 1e-9
+
+
+def test_input_sensitivity_matches_the_jacobians_of_the_pooled_output():
+    """With d orthonormal probes, S = sum_t J_t^T J_t / tokens exactly; J_t from full Jacobians, one window at a time."""
+    from transformers import BertModel
+
+    m = BertModel(tiny_model("bert").config).eval()
+    d = m.config.hidden_size
+    ids = torch.randint(5, 1000, (21,), generator=torch.Generator().manual_seed(0))
+    S, run = input_sensitivity(m, ids, window=10, probes=d, special=([101 % 1000], [102 % 1000]), quiet=True)
+    assert run == 21 + 2 * 3  # windows of 8 ids + CLS + SEP: 8, 8, 5
+    ref = torch.zeros(d, d, dtype=torch.float64)
+    for i in range(0, 21, 8):
+        x = torch.cat([torch.tensor([101]), ids[i : i + 8], torch.tensor([102])])
+        e0 = m.get_input_embeddings()(x[None]).detach()
+
+        def pooled(e):
+            h = m(inputs_embeds=e).last_hidden_state[0]
+            return torch.nn.functional.normalize(h.mean(0), dim=-1)
+
+        J = torch.autograd.functional.jacobian(pooled, e0)[:, 0]  # [d out, n, d in]
+        for t in range(x.numel()):
+            ref += J[:, t].double().T @ J[:, t].double()
+    ref /= run
+    assert torch.allclose(S, ref, rtol=1e-3, atol=1e-6 * float(ref.abs().max()))
+    few, _ = input_sensitivity(m, ids, window=10, probes=4, special=([101], [102]), quiet=True)
+    assert few.shape == (d, d) and torch.allclose(few, few.T)  # an estimate of the same matrix, symmetric
+    assert float(torch.linalg.eigvalsh(few).min()) > -1e-9 * float(few.abs().max())
 
 
 def test_calibration_text_errors_are_one_line(tmp_path):

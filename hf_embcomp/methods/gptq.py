@@ -13,7 +13,9 @@ Equations followed
 1. Objective. A tied head computes logits E h, so E is the weight of a Linear layer whose input is the hidden
    state h the head sees. The expected squared logit error of row v is (e_v - e_hat_v)^T H (e_v - e_hat_v) with
    H = E[h h^T] (``Calibration.head_second_moment``; GPTQ's layer Hessian up to a factor 2). Without a head
-   (encoders), H = diag(input column gain) of the first normalisation layer; without calibration, H = I.
+   (encoders), H = E[J^T J], the sensitivity of the pooled sentence embedding to the token embedding
+   (``Calibration.input_sensitivity``; all-MiniLM-L6-v2 25x, STS-B dev x100, stock 86.72: 86.57 against 86.23
+   under the first normalisation layer's diagonal column gain, which is the fallback); without calibration, H = I.
 2. Incoherence: E' = E R, H' = R^T H R with R = diag(s) blockdiag(H_B) (random signs s, normalised
    Sylvester-Hadamard blocks of B = the largest power of 2 <= 64 dividing d). It spreads the few
    coordinates with massive activations (SmolLM2: the largest diagonal entry of H is 180x the mean) over
@@ -302,6 +304,8 @@ def hessian(d: int, calibration: Any = None) -> tuple[torch.Tensor, str]:
     """H float64 [d, d] (normalised to mean diagonal 1) and a word saying where it came from."""
     if calibration is not None and calibration.head_second_moment is not None:
         H, src = calibration.head_second_moment.double().clone(), "tied-head second moment"
+    elif calibration is not None and getattr(calibration, "input_sensitivity", None) is not None:
+        H, src = calibration.input_sensitivity.double().clone(), "pooled-output input sensitivity"
     elif calibration is not None and calibration.input_column_gain is not None:
         H, src = torch.diag(calibration.input_column_gain.double()), "first-norm column gain (diagonal)"
     else:
