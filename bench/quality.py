@@ -58,6 +58,23 @@ COLS = [("model", "model"), ("method", "method"), ("kind", "kind"), ("ratio_requ
         ("sentence_cosine", "sent cos"), ("stsb_spearman", "STS-B"), ("perplexity", "ppl"), ("fit_seconds", "fit s"), ("status", "status")]
 
 
+def wiki_ids(tok: Any, n_tokens: int) -> tuple[torch.Tensor, int | None]:
+    """The first ``n_tokens`` token ids (int64 [n]) of the gensim Wikipedia text (no special tokens) and the
+    ``<bos>`` id to put first in every perplexity window (None where the tokenizer does not add one)."""
+    from hf_embcomp import data
+    from hf_embcomp.evaluation.lm import needs_bos
+
+    text = data.wiki_text()[: n_tokens * 20]
+    return torch.tensor(tok(text, add_special_tokens=False)["input_ids"][:n_tokens]), needs_bos(tok)
+
+
+def wiki_perplexity(model: torch.nn.Module, ids: torch.Tensor, bos: int | None) -> float:
+    """Perplexity of ``model`` on ``ids`` in non-overlapping 512-token windows (``<bos>`` first where needed)."""
+    from hf_embcomp.evaluation.lm import perplexity
+
+    return perplexity(model, ids, window=512, stride=512 - (bos is not None), bos_id=bos)[0]
+
+
 class Evaluator:
     """Downstream metric of one model: sentence cosine (encoder) or perplexity (causal LM)."""
 
@@ -70,11 +87,7 @@ class Evaluator:
         self.tok = src.tokenizer
         self.causal = hasattr(self.model, "lm_head") or self.model.get_output_embeddings() is not None
         if self.causal:
-            from hf_embcomp.evaluation.lm import needs_bos
-
-            text = data.wiki_text()[: ppl_tokens * 20]
-            self.ids = torch.tensor(self.tok(text, add_special_tokens=False)["input_ids"][:ppl_tokens])
-            self.bos = needs_bos(self.tok)
+            self.ids, self.bos = wiki_ids(self.tok, ppl_tokens)
             self.settings = {"metric": "perplexity", "tokens": int(self.ids.numel()), "window": 512,
                              "corpus": "gensim Wikipedia (hf_embcomp.data.wiki_text)"}
         else:
@@ -146,9 +159,7 @@ class Evaluator:
     @torch.no_grad()
     def _measure(self, model: torch.nn.Module) -> Any:
         if self.causal:
-            from hf_embcomp.evaluation.lm import perplexity
-
-            return perplexity(model, self.ids, window=512, stride=512 - (self.bos is not None), bos_id=self.bos)[0]
+            return wiki_perplexity(model, self.ids, self.bos)
         from hf_embcomp.evaluation.sentence import encode
 
         return torch.from_numpy(encode(model, self.tok, self.sentences, batch_size=64))

