@@ -197,6 +197,25 @@ def collect(model: torch.nn.Module, ids: torch.Tensor, window: int = WINDOW, bos
     return sigma, gain, run
 
 
+def error_metric(d: int, calibration: Any = None) -> tuple[torch.Tensor, str]:
+    """The matrix H float64 [d, d] under which a fit measures a row's error, (e - e_hat)^T H (e - e_hat),
+    normalised to mean diagonal 1, and a few words saying where it came from.
+
+    In order of preference: the tied head's second moment Sigma (causal LMs: the expected squared logit error),
+    the pooled-output input sensitivity S (encoders), diag(first-norm column gain), else the identity (no
+    calibration, or ``calibration`` None). Used by gptq's GPTQ / GPTVQ rounding and LightToken's metric fit.
+    """
+    if calibration is not None and calibration.head_second_moment is not None:
+        H, src = calibration.head_second_moment.double().clone(), "tied-head second moment"
+    elif calibration is not None and getattr(calibration, "input_sensitivity", None) is not None:
+        H, src = calibration.input_sensitivity.double().clone(), "pooled-output input sensitivity"
+    elif calibration is not None and calibration.input_column_gain is not None:
+        H, src = torch.diag(calibration.input_column_gain.double()), "first-norm column gain (diagonal)"
+    else:
+        H, src = torch.eye(d, dtype=torch.float64), "identity (no calibration)"
+    return H / torch.diagonal(H).mean().clamp_min(1e-30), src
+
+
 def _special(tokenizer: Any) -> tuple[list[int], list[int]]:
     """(ids before, ids after) a window: the tokenizer's CLS / BOS and SEP / EOS where it has them."""
     pre = next((t for t in (getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "bos_token_id", None))

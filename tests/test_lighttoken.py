@@ -278,3 +278,30 @@ def test_corpus_picks_the_exact_rows(tmp_path, minilm_path):
     assert "corpus.txt" in comp.compression_report["token_counts_source"]
     with pytest.raises(ValueError, match="needs a tokenizer"):
         hf_embcomp.compress(model, "lighttoken", 10, corpus=str(corpus), **FAST)
+
+
+def test_metric_fit_lowers_the_calibrated_error_and_folds_back_exactly():
+    """With a calibration H that ignores half the directions, the metric fit (run on E A, A^-1 folded into the
+    decoder) has a far lower H-weighted error than the Euclidean fit, measured on the rows as stored."""
+    from hf_embcomp.calibration import Calibration
+    from hf_embcomp.methods.lighttoken import LightTokenMethod
+
+    g = torch.Generator().manual_seed(0)
+    V, d, m = 3000, 32, 24
+    E = torch.randn(V, d, generator=g)
+    U = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    lam = torch.cat([torch.ones(d // 2), torch.full((d // 2,), 1e-3)]).double()
+    H = (U * lam) @ U.T
+    cal = Calibration(None, None, None, input_sensitivity=H)
+
+    def h_error(metric: str) -> float:
+        cfg = LightTokenConfig(bits=(m,), rank=0, exact_rows=0, dtype="float32", metric=metric, **FAST)
+        st = LightTokenMethod().fit(E, cfg, calibration=cal)
+        B = unpack_bits(st["codes"], m, torch.float32)
+        delta = (E - (B @ st["decoder"].T + st["decoder_bias"])).double()
+        return float(((delta @ H) * delta).sum() / ((E.double() @ H) * E.double()).sum())
+
+    euclid, metric = h_error("euclidean"), h_error("calibration")
+    assert metric < 0.75 * euclid, (metric, euclid)  # 0.41 against 0.64 here
+    with pytest.raises(ValueError, match="metric must be"):
+        LightTokenConfig(bits=8, metric="cosine")

@@ -77,6 +77,7 @@ from typing import Any
 
 import torch
 
+from ..calibration import error_metric
 from ..hub_code.embcomp_base import pack_bits
 from ..hub_code.embcomp_gptq import VQ_TAG, hadamard_matrix
 from .base import DTYPE_BYTES, CompressionMethod, MethodConfig, RatioError, check_ratio, register_method, rows_of
@@ -299,19 +300,6 @@ class GPTQConfig(MethodConfig):
 
 
 # --- the fit, along its lifecycle: Hessian -> rotation -> per-width GPTQ -> allocation -> packing ------------
-
-def hessian(d: int, calibration: Any = None) -> tuple[torch.Tensor, str]:
-    """H float64 [d, d] (normalised to mean diagonal 1) and a word saying where it came from."""
-    if calibration is not None and calibration.head_second_moment is not None:
-        H, src = calibration.head_second_moment.double().clone(), "tied-head second moment"
-    elif calibration is not None and getattr(calibration, "input_sensitivity", None) is not None:
-        H, src = calibration.input_sensitivity.double().clone(), "pooled-output input sensitivity"
-    elif calibration is not None and calibration.input_column_gain is not None:
-        H, src = torch.diag(calibration.input_column_gain.double()), "first-norm column gain (diagonal)"
-    else:
-        H, src = torch.eye(d, dtype=torch.float64), "identity (no calibration)"
-    return H / torch.diagonal(H).mean().clamp_min(1e-30), src
-
 
 def rotation_matrix(d: int, block: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(R float64 [d, d] = diag(s) blockdiag(H_B), the sign bits uint8 [d] with 1 where s = -1)."""
@@ -618,7 +606,7 @@ class GPTQMethod(CompressionMethod):
             raise ValueError(f"vq_dims {list(config.vq_dims)} must divide the embedding dimension {d}; pass "
                              "vq_bits=() or dimensions that divide it.")
         E = weight.detach().float().cpu()
-        H, h_src = hessian(d, calibration)
+        H, h_src = error_metric(d, calibration)
         block = config.block_for(d)
         R, neg = rotation_matrix(d, block, config.seed)
         Hr = R.T @ H @ R

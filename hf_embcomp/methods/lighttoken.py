@@ -59,6 +59,14 @@ This project's open choices
   in the refits. At 25x on MiniLM with 128 exact rows: alpha 0 sentence cosine 0.925 / row cosine 0.837 /
   1st percentile 0.760; alpha 0.25: 0.932 / 0.834 / 0.749; alpha 0.5: 0.931 / 0.826 / 0.734. The gain is
   within the noise of 200 sentences and costs rare rows, so the default stays 0.
+- Metric fit (ours; the weighted low-rank idea of direction-aware compression, with the calibration's H of
+  :func:`hf_embcomp.calibration.error_metric`): what the model feels of a row error delta is delta^T H delta
+  (encoders: H = S, the pooled sentence embedding's sensitivity; tied heads: the head's second moment), not
+  |delta|^2. With A = (H + damp I)^(1/2) the whole fit (low rank, stages, refits) runs on E A, where squared
+  error is the H-weighted error, and A^-1 is folded into the linear parts after it: Q <- A^-1 Q,
+  W_d <- A^-1 W_d, c <- A^-1 c (rounded to ``dtype``); the codes and the runtime do not change. Exact rows
+  are stored as they are. all-MiniLM-L6-v2 at 102x, STS-B dev x100 (stock 86.72): Euclidean 83.59, metric
+  (damp 0.01) 84.21, damp 0.1 83.90. ``metric="euclidean"`` (or ``--calibration none``) turns it off.
 - What the ratio counts (design.md §4): every stored tensor, P, Q, W_d, c (and the exact rows and their ids)
   at ``dtype`` and the packed codes; ratio = V d 4 bytes / stored bytes. The encoders are training-only and
   are not stored.
@@ -107,6 +115,10 @@ class LightTokenConfig(MethodConfig):
             budget solver picks n (0 when the config is built directly).
         freq_power: alpha of the row weights (count + 1)^alpha (normalised to mean 1) of the loss and the
             least-squares refits, counts from ``token_counts`` at fit time; 0 (default): every row alike.
+        metric: ``"calibration"`` (default): fit in the metric of the calibration's H (module docstring, "Metric
+            fit"), where the fit is given a calibration; ``"euclidean"``: every coordinate alike.
+        metric_damp: damping of H, a fraction of its mean diagonal added to the diagonal before its square root
+            (H of an encoder is singular: LayerNorm ignores the all-ones direction).
         dtype: storage dtype of P, Q, the decoder and its bias (default float16).
     """
 
@@ -123,9 +135,15 @@ class LightTokenConfig(MethodConfig):
     refit: bool = True
     exact_rows: Any = None
     freq_power: float = 0.0
+    metric: str = "calibration"
+    metric_damp: float = 0.01
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.metric not in ("calibration", "euclidean"):
+            raise ValueError(f"metric must be 'calibration' or 'euclidean' (got {self.metric!r}).")
+        if not self.metric_damp > 0:
+            raise ValueError(f"metric_damp must be > 0 (got {self.metric_damp}).")
         object.__setattr__(self, "exact_rows", int(self.exact_rows or 0))
         if self.exact_rows < 0:
             raise ValueError(f"exact_rows must be >= 0 (got {self.exact_rows}).")
@@ -571,13 +589,16 @@ class LightTokenMethod(CompressionMethod):
     last_stats: dict[str, Any] | None = None
 
     uses_token_counts = True
+    uses_calibration = True
 
     def fit(self, weight: torch.Tensor, config: LightTokenConfig, *, token_counts: torch.Tensor | None = None,
-            special_ids: list[int] | None = None, **context: Any) -> dict[str, torch.Tensor]:
+            special_ids: list[int] | None = None, calibration: Any = None, **context: Any) -> dict[str, torch.Tensor]:
         """Fit LightToken to E (float32 [V, d]); see the module docstring for the equations.
 
         ``token_counts`` (int [V]) and ``special_ids`` choose the ``config.exact_rows`` rows stored verbatim
-        (:func:`select_exact_ids`); those rows are left out of the fit and get zero codes.
+        (:func:`select_exact_ids`); those rows are left out of the fit and get zero codes. With a
+        ``calibration`` (:class:`hf_embcomp.calibration.Calibration`) and ``config.metric == "calibration"`` the
+        fit runs on E A and A^-1 is folded into Q, the decoder and its bias (module docstring, "Metric fit").
 
         Raises:
             RatioError: the rank exceeds min(V, d), or more exact rows than V.
@@ -601,13 +622,17 @@ class LightTokenMethod(CompressionMethod):
         elif config.freq_power > 0:
             logger.warning("lighttoken: freq_power=%g but no token counts; every row weighs the same.", config.freq_power)
         keep = None if mask is None else torch.nonzero(mask).flatten()
-        fitted = _fit(weight, config, row_weight=row_weight, rows=keep)
+        A, A_inv, source = metric_factors(d, calibration, config)
+        fit_weight = weight if A is None else _fill(weight.new_empty(V, d, dtype=torch.float32),
+                                                    lambda i, j: (weight[i:j].double() @ A.to(weight.device)).float())
+        fitted = _fit(fit_weight, config, row_weight=row_weight, rows=keep)
         st = fitted["stats"]
+        st["metric"] = source
         B, P = fitted["B"], fitted["P"]
         if mask is not None:
             B = B.new_zeros(V, B.shape[1]).index_put_((mask,), B)
             P = P.new_zeros(V, P.shape[1]).index_put_((mask,), P)
-            exact = round_to_dtype(weight[ids], config.dtype)
+            exact = round_to_dtype(fit_weight[ids], config.dtype)  # the statistics are in the fit's metric
             slot = torch.full((V,), -1, dtype=torch.int64, device=weight.device)
             slot[ids] = torch.arange(n, device=weight.device)
             Q, W, c = fitted["Q"], fitted["W"], fitted["c"]
@@ -618,8 +643,13 @@ class LightTokenMethod(CompressionMethod):
                 out[at >= 0] = exact[at[at >= 0]]
                 return out
 
-            st["with_exact_rows"] = _summary(lambda i, j: weight[i:j].float(), e_hat, V)
+            st["with_exact_rows"] = _summary(lambda i, j: fit_weight[i:j].float(), e_hat, V)
             st["exact_rows"] = n
+        del fit_weight
+        if A_inv is not None:  # e_hat A^-1 = P (A^-1 Q)^T + B (A^-1 W)^T + A^-1 c (A symmetric)
+            for key in ("Q", "W", "c"):
+                x = fitted[key]
+                fitted[key] = round_to_dtype((A_inv.to(x.device) @ x.double()).float(), config.dtype)
         logger.info("lighttoken refit: row cos %.4f -> %.4f, rel. Frobenius %.4f -> %.4f",
                     st["before_refit"]["row_cos"], st["after_refit"]["row_cos"],
                     st["before_refit"]["rel_frob"], st["after_refit"]["rel_frob"])
@@ -636,6 +666,23 @@ class LightTokenMethod(CompressionMethod):
             state["exact_ids"] = ids.to(torch.int32).contiguous()
             state["exact_rows"] = round_to_dtype(weight[ids], config.dtype).contiguous()
         return state
+
+
+def metric_factors(d: int, calibration: Any, config: LightTokenConfig
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
+    """(A, A^-1, source): A = (H + damp mean(diag H) I)^(1/2) float64 [d, d] (symmetric) of the calibration's
+    error metric H (:func:`hf_embcomp.calibration.error_metric`), or (None, None, why not) where the fit stays
+    Euclidean (``config.metric == "euclidean"``, no calibration, or a calibration without statistics)."""
+    if config.metric != "calibration" or calibration is None:
+        return None, None, "euclidean" + ("" if config.metric == "euclidean" else " (no calibration)")
+    from ..calibration import error_metric
+
+    H, source = error_metric(d, calibration)
+    if source.startswith("identity"):
+        return None, None, "euclidean (" + source + ")"
+    w, U = torch.linalg.eigh(H + config.metric_damp * torch.eye(d, dtype=torch.float64))
+    w = w.clamp_min(config.metric_damp * 1e-3)
+    return (U * w.sqrt()) @ U.T, (U / w.sqrt()) @ U.T, source
 
 
 def select_exact_ids(num_embeddings: int, n: int, token_counts: torch.Tensor | None = None,
