@@ -203,7 +203,8 @@ def error_metric(d: int, calibration: Any = None) -> tuple[torch.Tensor, str]:
 
     In order of preference: the tied head's second moment Sigma (causal LMs: the expected squared logit error),
     the pooled-output input sensitivity S (encoders), diag(first-norm column gain), else the identity (no
-    calibration, or ``calibration`` None). Used by gptq's GPTQ / GPTVQ rounding and LightToken's metric fit.
+    calibration, or ``calibration`` None). Used by gptq's GPTQ / GPTVQ rounding and allocation (LightToken uses S
+    alone: :func:`hf_embcomp.methods.lighttoken.metric_factors`).
     """
     if calibration is not None and calibration.head_second_moment is not None:
         H, src = calibration.head_second_moment.double().clone(), "tied-head second moment"

@@ -305,3 +305,9 @@ def test_metric_fit_lowers_the_calibrated_error_and_folds_back_exactly():
     assert metric < 0.75 * euclid, (metric, euclid)  # 0.41 against 0.64 here
     with pytest.raises(ValueError, match="metric must be"):
         LightTokenConfig(bits=8, metric="cosine")
+    from hf_embcomp.methods.lighttoken import metric_factors  # a tied head's Sigma alone leaves the fit Euclidean
+
+    cfg = LightTokenConfig(bits=8)
+    assert metric_factors(d, Calibration(None, H, None), cfg)[0] is None
+    A, A_inv, _ = metric_factors(d, cal, cfg)
+    assert torch.allclose(A @ A_inv, torch.eye(d, dtype=torch.float64), atol=1e-8)

@@ -59,14 +59,16 @@ This project's open choices
   in the refits. At 25x on MiniLM with 128 exact rows: alpha 0 sentence cosine 0.925 / row cosine 0.837 /
   1st percentile 0.760; alpha 0.25: 0.932 / 0.834 / 0.749; alpha 0.5: 0.931 / 0.826 / 0.734. The gain is
   within the noise of 200 sentences and costs rare rows, so the default stays 0.
-- Metric fit (ours; the weighted low-rank idea of direction-aware compression, with the calibration's H of
-  :func:`hf_embcomp.calibration.error_metric`): what the model feels of a row error delta is delta^T H delta
-  (encoders: H = S, the pooled sentence embedding's sensitivity; tied heads: the head's second moment), not
-  |delta|^2. With A = (H + damp I)^(1/2) the whole fit (low rank, stages, refits) runs on E A, where squared
-  error is the H-weighted error, and A^-1 is folded into the linear parts after it: Q <- A^-1 Q,
-  W_d <- A^-1 W_d, c <- A^-1 c (rounded to ``dtype``); the codes and the runtime do not change. Exact rows
-  are stored as they are. all-MiniLM-L6-v2 at 102x, STS-B dev x100 (stock 86.72): Euclidean 83.59, metric
-  (damp 0.01) 84.21, damp 0.1 83.90. ``metric="euclidean"`` (or ``--calibration none``) turns it off.
+- Metric fit (ours; the weighted low-rank idea of direction-aware compression): what an encoder feels of a row
+  error delta is delta^T S delta (S = E[J^T J], the mean-pooled sentence embedding's sensitivity to the token
+  embedding, ``Calibration.input_sensitivity``), not |delta|^2. With A = (S + damp I)^(1/2) (S normalised to
+  mean diagonal 1) the whole fit (low rank, stages, refits) runs on E A, where squared error is the S-weighted
+  error, and A^-1 is folded into the linear parts after it: Q <- A^-1 Q, W_d <- A^-1 W_d, c <- A^-1 c (rounded
+  to ``dtype``); the codes and the runtime do not change. Exact rows are stored as they are.
+  all-MiniLM-L6-v2, STS-B dev x100 (stock 86.72): 25x 86.11 -> 86.75, 102x 83.59 -> 84.21 (damp 0.001 84.09,
+  0.1 83.90); 8x 86.78 -> 86.74. Causal LMs stay Euclidean: the tied head's second moment Sigma as the metric
+  made SmolLM2 8x worse (4,096-token perplexity 30.11 -> 34.27): a tied row is also the first layer's input.
+  ``metric="euclidean"`` (or ``--calibration none``) turns it off.
 - What the ratio counts (design.md §4): every stored tensor, P, Q, W_d, c (and the exact rows and their ids)
   at ``dtype`` and the packed codes; ratio = V d 4 bytes / stored bytes. The encoders are training-only and
   are not stored.
@@ -115,8 +117,9 @@ class LightTokenConfig(MethodConfig):
             budget solver picks n (0 when the config is built directly).
         freq_power: alpha of the row weights (count + 1)^alpha (normalised to mean 1) of the loss and the
             least-squares refits, counts from ``token_counts`` at fit time; 0 (default): every row alike.
-        metric: ``"calibration"`` (default): fit in the metric of the calibration's H (module docstring, "Metric
-            fit"), where the fit is given a calibration; ``"euclidean"``: every coordinate alike.
+        metric: ``"calibration"`` (default): fit in the metric of the calibration's input sensitivity S (module
+            docstring, "Metric fit") where the calibration has one (encoders); ``"euclidean"``: every coordinate
+            alike (always so for causal LMs).
         metric_damp: damping of H, a fraction of its mean diagonal added to the diagonal before its square root
             (H of an encoder is singular: LayerNorm ignores the all-ones direction).
         dtype: storage dtype of P, Q, the decoder and its bias (default float16).
@@ -597,8 +600,9 @@ class LightTokenMethod(CompressionMethod):
 
         ``token_counts`` (int [V]) and ``special_ids`` choose the ``config.exact_rows`` rows stored verbatim
         (:func:`select_exact_ids`); those rows are left out of the fit and get zero codes. With a
-        ``calibration`` (:class:`hf_embcomp.calibration.Calibration`) and ``config.metric == "calibration"`` the
-        fit runs on E A and A^-1 is folded into Q, the decoder and its bias (module docstring, "Metric fit").
+        ``calibration`` (:class:`hf_embcomp.calibration.Calibration`) that has an input sensitivity (encoders) and
+        ``config.metric == "calibration"`` the fit runs on E A and A^-1 is folded into Q, the decoder and its bias
+        (module docstring, "Metric fit").
 
         Raises:
             RatioError: the rank exceeds min(V, d), or more exact rows than V.
@@ -670,19 +674,20 @@ class LightTokenMethod(CompressionMethod):
 
 def metric_factors(d: int, calibration: Any, config: LightTokenConfig
                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
-    """(A, A^-1, source): A = (H + damp mean(diag H) I)^(1/2) float64 [d, d] (symmetric) of the calibration's
-    error metric H (:func:`hf_embcomp.calibration.error_metric`), or (None, None, why not) where the fit stays
-    Euclidean (``config.metric == "euclidean"``, no calibration, or a calibration without statistics)."""
-    if config.metric != "calibration" or calibration is None:
-        return None, None, "euclidean" + ("" if config.metric == "euclidean" else " (no calibration)")
-    from ..calibration import error_metric
-
-    H, source = error_metric(d, calibration)
-    if source.startswith("identity"):
-        return None, None, "euclidean (" + source + ")"
+    """(A, A^-1, source): A = (H + damp I)^(1/2) float64 [d, d] (symmetric) with H the calibration's pooled-output
+    input sensitivity S normalised to mean diagonal 1 (encoders), or (None, None, why not) where the fit stays
+    Euclidean: ``config.metric == "euclidean"``, no calibration, or a calibration without S (causal LMs: the tied
+    head's second moment made SmolLM2 worse, 8x perplexity 30.11 -> 34.27 on 4,096 tokens, because a tied row is
+    also an input and the head's metric ignores what the first layer reads)."""
+    S = None if calibration is None else getattr(calibration, "input_sensitivity", None)
+    if config.metric != "calibration" or S is None:
+        why = "metric='euclidean'" if config.metric == "euclidean" else \
+            "no calibration" if calibration is None else "no input sensitivity in the calibration"
+        return None, None, f"euclidean ({why})"
+    H = S.double() / torch.diagonal(S.double()).mean().clamp_min(1e-30)
     w, U = torch.linalg.eigh(H + config.metric_damp * torch.eye(d, dtype=torch.float64))
     w = w.clamp_min(config.metric_damp * 1e-3)
-    return (U * w.sqrt()) @ U.T, (U / w.sqrt()) @ U.T, source
+    return (U * w.sqrt()) @ U.T, (U / w.sqrt()) @ U.T, "pooled-output input sensitivity"
 
 
 def select_exact_ids(num_embeddings: int, n: int, token_counts: torch.Tensor | None = None,
