@@ -141,6 +141,22 @@ def _first_norm(model: torch.nn.Module, d: int) -> torch.nn.Module | None:
 
 
 @torch.no_grad()
+def max_positions(model: torch.nn.Module, default: int) -> int:
+    """Tokens one forward of ``model`` may take: ``max_position_embeddings`` (or ``n_positions``) less the offset of
+    models whose position ids start after the padding index (RoBERTa-style position embeddings with a
+    ``padding_idx``); ``default`` where the config says nothing."""
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if not n:
+        return default
+    offset = 0
+    for name, m in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(m, torch.nn.Embedding) and m.padding_idx is not None:
+            offset = int(m.padding_idx) + 1
+            break
+    return max(1, int(n) - offset)
+
+
 def collect(model: torch.nn.Module, ids: torch.Tensor, window: int = WINDOW, bos_id: int | None = None,
             quiet: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
     """Run ``model`` over ``ids`` in windows and accumulate Sigma and the first norm's column gain.
@@ -178,7 +194,7 @@ def collect(model: torch.nn.Module, ids: torch.Tensor, window: int = WINDOW, bos
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    width = window - (bos_id is not None)
+    width = max(1, min(window, max_positions(model, window)) - (bos_id is not None))
     run = 0
     try:
         for i in tqdm(range(0, int(ids.numel()), width), desc="calibration", unit="window",
@@ -250,7 +266,7 @@ def input_sensitivity(model: torch.nn.Module, ids: torch.Tensor, window: int = S
     d = emb.embedding_dim
     probes = max(1, min(int(probes), d))
     pre, post = (torch.tensor(x, dtype=torch.long) for x in special)
-    width = max(1, window - pre.numel() - post.numel())
+    width = max(1, min(window, max_positions(model, window)) - pre.numel() - post.numel())
     wins = [torch.cat([pre, ids[i : i + width], post]) for i in range(0, int(ids.numel()), width)]
     g = torch.Generator().manual_seed(int(seed) + 31337)
     S = torch.zeros(d, d, dtype=torch.float64)

@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_embcomp
-from hf_embcomp.calibration import Calibration, CalibrationError, calibration_text, collect, input_sensitivity
+from hf_embcomp.calibration import (Calibration, CalibrationError, calibration_text, collect, input_sensitivity,
+                                    max_positions)
 from hf_embcomp.methods.gptq import (GPTQConfig, allocate_bits, dequantise, gptq_rows, h_error, pack_codes, refine_rows,
                                      refit_scales, rotation_matrix)
 from hf_embcomp.hub_code.embcomp_gptq import unpack_codes
@@ -83,6 +84,16 @@ def test_input_sensitivity_matches_the_jacobians_of_the_pooled_output():
     few, _ = input_sensitivity(m, ids, window=10, probes=4, special=([101], [102]), quiet=True)
     assert few.shape == (d, d) and torch.allclose(few, few.T)  # an estimate of the same matrix, symmetric
     assert float(torch.linalg.eigvalsh(few).min()) > -1e-9 * float(few.abs().max())
+
+
+def test_calibration_windows_fit_the_model_positions():
+    """Windows never exceed the position table (RoBERTa's positions start after its padding index)."""
+    assert max_positions(tiny_model("bert"), 512) == 64
+    assert max_positions(tiny_model("roberta"), 512) == 64  # 66 positions, offset 2
+    m = tiny_model("roberta").roberta
+    ids = torch.randint(5, 1000, (150,), generator=torch.Generator().manual_seed(0))
+    assert collect(m, ids, window=512, quiet=True)[2] == 150
+    assert input_sensitivity(m, ids, window=512, probes=2, special=([0], [2]), quiet=True)[1] == 150 + 2 * 3
 
 
 def test_calibration_text_errors_are_one_line(tmp_path):
