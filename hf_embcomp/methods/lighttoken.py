@@ -120,8 +120,9 @@ class LightTokenConfig(MethodConfig):
         metric: ``"calibration"`` (default): fit in the metric of the calibration's input sensitivity S (module
             docstring, "Metric fit") where the calibration has one (encoders); ``"euclidean"``: every coordinate
             alike (always so for causal LMs).
-        metric_damp: damping of H, a fraction of its mean diagonal added to the diagonal before its square root
-            (H of an encoder is singular: LayerNorm ignores the all-ones direction).
+        metric_damp: damping of S, a fraction of its mean diagonal added to the diagonal before its square root
+            (S is singular: LayerNorm ignores the all-ones direction). The metric fit holds E A, one more float32
+            [V, d] copy, during the fit.
         dtype: storage dtype of P, Q, the decoder and its bias (default float16).
     """
 
@@ -674,8 +675,8 @@ class LightTokenMethod(CompressionMethod):
 
 def metric_factors(d: int, calibration: Any, config: LightTokenConfig
                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
-    """(A, A^-1, source): A = (H + damp I)^(1/2) float64 [d, d] (symmetric) with H the calibration's pooled-output
-    input sensitivity S normalised to mean diagonal 1 (encoders), or (None, None, why not) where the fit stays
+    """(A, A^-1, source): A = (S + damp I)^(1/2) float64 [d, d] (symmetric) with S the calibration's pooled-output
+    input sensitivity normalised to mean diagonal 1 (encoders), or (None, None, why not) where the fit stays
     Euclidean: ``config.metric == "euclidean"``, no calibration, or a calibration without S (causal LMs: the tied
     head's second moment made SmolLM2 worse, 8x perplexity 30.11 -> 34.27 on 4,096 tokens, because a tied row is
     also an input and the head's metric ignores what the first layer reads)."""
@@ -684,8 +685,8 @@ def metric_factors(d: int, calibration: Any, config: LightTokenConfig
         why = "metric='euclidean'" if config.metric == "euclidean" else \
             "no calibration" if calibration is None else "no input sensitivity in the calibration"
         return None, None, f"euclidean ({why})"
-    H = S.double() / torch.diagonal(S.double()).mean().clamp_min(1e-30)
-    w, U = torch.linalg.eigh(H + config.metric_damp * torch.eye(d, dtype=torch.float64))
+    S = S.double() / torch.diagonal(S.double()).mean().clamp_min(1e-30)
+    w, U = torch.linalg.eigh(S + config.metric_damp * torch.eye(d, dtype=torch.float64))
     w = w.clamp_min(config.metric_damp * 1e-3)
     return (U * w.sqrt()) @ U.T, (U / w.sqrt()) @ U.T, "pooled-output input sensitivity"
 
