@@ -83,13 +83,14 @@ def test_unpack_codes_float_paths_match_the_integer_path():
         assert torch.equal(unpack_codes(packed, bits, 37, torch.float32), ref.float()), bits
 
 
-@pytest.mark.parametrize("group,vq,center", [(64, (), False), (48, ((9, 8, 40), (6, 2, 30)), True)])  # 64: the
-def test_gptq_tables_and_decode_match_the_reference(group, vq, center):  # last group of 96 is half empty
-    emb = _gptq(group=group, vq=vq, center=center)  # (padding); 48: full, + vector tiers and a mean row
-    E = _gptq_reference(emb)
+@pytest.mark.parametrize("group,vq,center", [(64, (), False), (48, ((9, 8, 40), (6, 2, 30), (5, 4, 20)), True)])
+def test_gptq_tables_and_decode_match_the_reference(group, vq, center):  # 64: the last group of 96 is half empty
+    emb = _gptq(group=group, vq=vq, center=center)  # (padding); 48: full, + vector tiers (k = 8: rows gathered by
+    E = _gptq_reference(emb)  # F.embedding; k = 2, 4: as one int64 / complex128 element) and a mean row
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        for n in (1, 3, 4, 5, 40):  # <= 4 rows: byte tables; more: decoded chunks
+        for n in (1, 3, 4, 5, 40):  # <= 4 rows: byte tables; more: tables for the cheap tiers (1-2 bits, k = 8),
+            # decoded chunks for the others; 40 rows with logits_table_rows 32: two table passes
             h = torch.randn(2, n, emb.embedding_dim, generator=g)
             got = emb(logits_from=h)
             assert got.shape == (2, n, emb.num_embeddings)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .embcomp_base import CompressedEmbedding, _unpack_table, bag_weight, byte_index, is_exporting, tensor_cache, unpack_bits
+from .embcomp_base import CompressedEmbedding, _unpack_table, byte_index, is_exporting, tensor_cache, unpack_bits
 
 
 _HADAMARD: dict[tuple[int, torch.dtype, Any], torch.Tensor] = {}
@@ -70,6 +70,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int, dtype: torch.dtype
     Whole codes in a byte (1, 2, 4, 8 bits): one ``index_select`` of a 256-entry table (byte -> its codes, already
     in ``dtype``); other widths: the bit stream weighted by place values.
     """
+    if bits == 8:  # one code a byte: the bytes are the codes
+        vals = packed.to(dtype)
+        return vals if vals.shape[-1] == count else vals[..., :count]
     if 8 % bits == 0:
         per = 8 // bits
         vals = _code_table(bits, dtype, packed.device).index_select(0, packed.reshape(-1).to(torch.int32))
@@ -84,6 +87,24 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int, dtype: torch.dtype
     stream = unpack_bits(packed, count * bits, torch.int32).unflatten(-1, (count, bits))
     weights = 1 << torch.arange(bits - 1, -1, -1, device=packed.device, dtype=torch.int32)
     return (stream * weights).sum(-1).to(dtype)
+
+
+_ROW_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
+
+
+def codebook_rows(codebook: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``F.embedding(idx, codebook)``: int64 [...] indices into float [K, k] -> float [..., k], the same bits.
+
+    Rows of 2 to 16 bytes (k = 2 or 4 in float32) are gathered as single elements of a same-sized dtype viewing the
+    codebook (a copy of the bits, exact): ``index_select`` of one element is several times faster on CPU than an
+    ``embedding`` of a short row (bench/speed.py). Exported and compiled graphs take ``F.embedding``.
+    """
+    K, k = codebook.shape
+    view = _ROW_VIEWS.get(k * codebook.element_size())
+    if view is None or is_exporting() or codebook.requires_grad or not codebook.is_contiguous():
+        return F.embedding(idx, codebook)
+    rows = codebook.view(view).reshape(K).index_select(0, idx.reshape(-1))
+    return rows.view(codebook.dtype).reshape(*idx.shape, k)
 
 
 def _word_table(bits: int, device: Any) -> torch.Tensor:
@@ -133,8 +154,15 @@ class GroupQuantEmbedding(CompressedEmbedding):
 
     method = "gptq"
     logits_chunk = 2048
-    logits_table_rows = 4
-    """Tied logits of at most this many hidden rows read byte tables for the tiers that allow them (0: never)."""
+    logits_table_rows = 32
+    """Hidden rows per byte-table pass: the tables of one pass hold reads * 256 (scalar tiers) or reads * 2^b (vector
+    tiers) floats per hidden row (0: never read tables)."""
+    logits_few_rows = 4
+    """Up to this many hidden rows (generation), every tier that allows byte tables reads them."""
+    logits_table_reads = 0.25
+    """Above :attr:`logits_few_rows` hidden rows, a tier reads byte tables only where its table reads per row are at
+    most this fraction of d (scalar tiers of at most 2 bits, vector tiers of k >= 4); the others are decoded and
+    multiplied (a table read costs more than a multiply-add in a matrix product)."""
     logits_table_bits = 8
     """Widest tier read through byte tables (their index cache is bits / 8 of the tier's dense fp32 bytes)."""
 
@@ -295,7 +323,7 @@ class GroupQuantEmbedding(CompressedEmbedding):
         """Rotated rows of vector tier t -> float [n, d]: scale_v * C[c_vj] for every sub-vector j."""
         idx = self._vq_indices(t, rows)
         codebook, scales = getattr(self, f"codebook_v{t}"), getattr(self, f"scales_v{t}")[rows]
-        return F.embedding(idx, codebook).flatten(-2) * scales
+        return codebook_rows(codebook, idx).flatten(-2) * scales
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         pos, _ = self._index()
@@ -310,73 +338,105 @@ class GroupQuantEmbedding(CompressedEmbedding):
             for name, tag, n in tiers:
                 out = torch.where((bits_of == tag).unsqueeze(-1), self._decode(name, p.clamp_max(n - 1)).to(out.dtype), out)
         else:
-            out = torch.zeros(flat.numel(), self.embedding_dim, dtype=self.dtype, device=flat.device)
-            for name, tag, _ in tiers:
+            out = torch.empty(flat.numel(), self.embedding_dim, dtype=self.dtype, device=flat.device)  # every id
+            for name, tag, _ in tiers:  # is in exactly one tier: each row is written once, in place
                 hit = torch.nonzero(bits_of == tag).flatten()
                 if hit.numel():
-                    out = out.index_copy(0, hit, self._decode(name, p[hit]).to(out.dtype))
-        return self.unrotate(self._add_mean(out)).reshape(*input_ids.shape, self.embedding_dim)
+                    out.index_copy_(0, hit, self._decode(name, p[hit]).to(out.dtype))
+        return self._unrotate_rows(out).reshape(*input_ids.shape, self.embedding_dim)
+
+    def _unrotate_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoded rotated rows x [n, d] (centred where stored so) -> rows of E_hat: (x + mu) R^T, computed as
+        H(x) * signs + mu R^T (linear: the mean is unrotated once, and the product's output is scaled and shifted in
+        place - a fresh [n, d] buffer costs page faults on first touch)."""
+        if not self.rotation_block:
+            return self._add_mean(x)
+        y = self._hadamard(x).mul_(self._signs(x.dtype))
+        return y.add_(self.unrotate(self.row_mean.to(x.dtype))) if self.centered else y
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         _, order = self._index()
         d, g, G = self.embedding_dim, self.group_size, self.num_groups
         hr = self.rotate(hidden.to(self.dtype)).reshape(-1, d)  # [N, d]
         hp = F.pad(hr, (0, G * g - d))  # [N, G*g]: zeros against the padding coordinates of _decode(padded=True)
-        few = hr.shape[0] <= self.logits_table_rows and not is_exporting()
-        parts = []
-        for b, n in self.tiers:
-            if few and self._table_ok(b):
-                parts.append(self._logits_tables(b, hp).to(hr.dtype))
+        N = hr.shape[0]
+        training = torch.is_grad_enabled() and (hr.requires_grad or any(p.requires_grad for p in self.parameters(recurse=False)))
+        tables = self.logits_table_rows > 0 and not is_exporting() and not training
+        parts = []  # [n, N] per tier, in tier order
+        for name, _, n in self.all_tiers:
+            reads = self._table_reads(name) if tables else None
+            if reads is not None and (N <= self.logits_few_rows or reads <= self.logits_table_reads * d):
+                c = self.logits_table_rows
+                chunks = [self._tier_tables(name, hr[i : i + c], hp[i : i + c]) for i in range(0, N, c)]
+                parts.append((chunks[0] if len(chunks) == 1 else torch.cat(chunks, 1)).to(hr.dtype))
             else:
-                parts += [hp @ self._decode(f"b{b}", slice(i, i + self.logits_chunk), padded=True).T
-                          for i in range(0, n, self.logits_chunk)]
-        for t, _, _, n in self.vq_tiers:
-            if few:
-                parts.append(self._logits_vq_tables(t, hr).to(hr.dtype))
-            else:
-                parts += [hr @ self._decode_vq(t, slice(i, i + self.logits_chunk)).T
-                          for i in range(0, n, self.logits_chunk)]
-        logits = torch.cat(parts, dim=-1).index_select(-1, order)  # tier order -> vocabulary order
+                parts += [self._tier_decoded(name, slice(i, i + self.logits_chunk), hr, hp) for i in range(0, n, self.logits_chunk)]
+        logits = torch.cat(parts).index_select(0, order)  # [V, N]: tier order -> vocabulary order
         if self.centered:  # h . (x' + mu) = h . x' + h . mu
-            logits = logits + (hr @ self.row_mean.to(hr.dtype)).unsqueeze(-1)
-        return logits.reshape(*hidden.shape[:-1], self.num_embeddings)
+            logits = logits + hr @ self.row_mean.to(hr.dtype)
+        return logits.T.contiguous().reshape(*hidden.shape[:-1], self.num_embeddings)
 
-    # --- byte tables (tied logits of a few hidden rows) ----------------------------------------------
+    def _tier_decoded(self, name: str, rows: slice, hr: torch.Tensor, hp: torch.Tensor) -> torch.Tensor:
+        """Logits [n, N] of rows ``rows`` of tier ``name`` against hr (float [N, d], rotated; hp: zero-padded to
+        [N, G*g]): the rows decoded and multiplied (vector tiers: scaled after the product, the cheaper side)."""
+        if name[0] == "v":
+            t = int(name[1:])
+            idx = self._vq_indices(t, rows)
+            raw = codebook_rows(getattr(self, f"codebook_v{t}"), idx).flatten(-2)  # [n, d], unscaled
+            return (raw @ hr.T) * getattr(self, f"scales_v{t}")[rows]
+        return self._decode(name, rows, padded=True) @ hp.T
+
+    # --- byte tables (tied logits without decoding the rows) ----------------------------------------------
+    def _table_reads(self, name: str) -> int | None:
+        """Table reads per row of tier ``name`` (scalar: d * bits / 8 code bytes; vector: d / k indices), None where
+        the tier takes no byte tables."""
+        if name[0] == "v":
+            return self.embedding_dim // getattr(self, f"codebook_v{name[1:]}").shape[1]
+        bits = int(name[1:])
+        return self.embedding_dim * bits // 8 if self._table_ok(bits) else None
+
+    def _tier_tables(self, name: str, hr: torch.Tensor, hp: torch.Tensor) -> torch.Tensor:
+        """float32 logits [n, N] of tier ``name`` against hr (float [N, d], rotated; hp zero-padded), from tables."""
+        return self._logits_vq_tables(int(name[1:]), hr) if name[0] == "v" else self._logits_tables(int(name[1:]), hp)
+
     def _table_ok(self, bits: int) -> bool:
         """Whether tier ``bits`` takes byte tables: at most :attr:`logits_table_bits` bits, and no byte holds bits
         of two groups."""
         return bits <= self.logits_table_bits and (self.group_size * bits) % 8 == 0 and (self.embedding_dim * bits) % 8 == 0
 
     def _logits_tables(self, bits: int, hp: torch.Tensor) -> torch.Tensor:
-        """Tier ``bits`` logits of hp (float [N, G*g], rotated, zero-padded) -> float32 [N, n_b] from byte tables.
+        """Tier ``bits`` logits of hp (float [N, G*g], rotated, zero-padded) -> float32 [n_b, N] from byte tables.
 
         q_vg . h_g (q the codes of row v in group g) is the sum over the code bytes of group g of
         table_j[byte], table_j[c] = sum over the bits set in byte value c of (place value) * h[coordinate of the
         bit]; one ``embedding_bag`` per tier sums them per (row, group). Then logits_v = sum_g s_vg (q_vg . h_g) +
-        m_vg sum(h_g): exact, d * bits / 8 table reads a row instead of d multiply-adds.
+        m_vg sum(h_g): exact, d * bits / 8 table reads a row instead of d multiply-adds. The tables are built
+        as [nbytes * 256, N] (the ``embedding_bag`` weight: one contiguous row of N per byte value).
         """
         d, g, G = self.embedding_dim, self.group_size, self.num_groups
         idx, offsets = self._bag_index(bits)
         h = hp.float()
-        nbytes = getattr(self, f"codes_b{bits}").shape[1]
+        N, nbytes = h.shape[0], getattr(self, f"codes_b{bits}").shape[1]
         place = 2.0 ** torch.arange(bits - 1, -1, -1, dtype=torch.float32, device=h.device)
-        w = (h[:, :d].unsqueeze(-1) * place).flatten(-2)  # [N, d*bits]: the weight of every bit of the code stream
-        tables = w.unflatten(-1, (nbytes, 8)) @ _unpack_table(torch.float32, h.device).T  # [N, nbytes, 256]
-        dots = F.embedding_bag(idx, bag_weight(tables), offsets, mode="sum")  # [n_b * G, N]
+        w = (h[:, :d].unsqueeze(-1) * place).reshape(N, nbytes, 8)  # the weight of every bit of the code stream
+        tables = _unpack_table(torch.float32, h.device) @ w.permute(1, 2, 0)  # [nbytes, 256, N]
+        dots = F.embedding_bag(idx, tables.reshape(-1, N), offsets, mode="sum")  # [n_b * G, N]
         scales = getattr(self, f"scales_b{bits}").float()
         mins = getattr(self, f"mins_b{bits}").float()
         out = (dots.unflatten(0, (-1, G)) * scales.unsqueeze(-1)).sum(1)  # [n_b, N]
-        return (out + mins @ h.unflatten(-1, (G, g)).sum(-1).T).T
+        return torch.addmm(out, mins, h.unflatten(-1, (G, g)).sum(-1).T)
 
     def _logits_vq_tables(self, t: int, hr: torch.Tensor) -> torch.Tensor:
-        """Vector tier t logits of hr (float [N, d], rotated) -> float32 [N, n_t] from codebook tables:
+        """Vector tier t logits of hr (float [N, d], rotated) -> float32 [n_t, N] from codebook tables:
         T_j[c] = h_j . C[c] (h_j the j-th k-coordinate slice of h), logits_v = scale_v sum_j T_j[c_vj]; one
-        ``embedding_bag`` sums the d / k table entries of each row: exact, d / k table reads a row."""
+        ``embedding_bag`` sums the d / k table entries of each row: exact, d / k table reads a row. The tables are
+        built as [d / k * 2^b, N] (one contiguous row of N per (slice, codeword))."""
         codebook = getattr(self, f"codebook_v{t}").float()
-        tables = hr.float().unflatten(-1, (-1, codebook.shape[1])) @ codebook.T  # [N, d / k, K]
+        N, k = hr.shape[0], codebook.shape[1]
+        tables = codebook @ hr.float().reshape(N, -1, k).permute(1, 2, 0)  # [d / k, K, N]
         idx, offsets = self._vq_bag_index(t)
-        dots = F.embedding_bag(idx, bag_weight(tables), offsets, mode="sum")  # [n_t, N]
-        return (dots * getattr(self, f"scales_v{t}").float()).T
+        dots = F.embedding_bag(idx, tables.reshape(-1, N), offsets, mode="sum")  # [n_t, N]
+        return dots * getattr(self, f"scales_v{t}").float()
 
     def _vq_bag_index(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``embedding_bag`` input of vector tier t: int32 [n_t * d / k] (index + K * its position in the row)
@@ -411,4 +471,4 @@ class GroupQuantEmbedding(CompressedEmbedding):
     def reconstruct(self) -> torch.Tensor:
         _, order = self._index()
         out = torch.cat([self._decode(name, slice(None)).to(self.dtype) for name, _, _ in self.all_tiers]).index_select(0, order)
-        return self.unrotate(self._add_mean(out))
+        return self._unrotate_rows(out)
