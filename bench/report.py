@@ -185,6 +185,47 @@ def speed_section(s: dict, link: str) -> list[str]:
                             [[r["name"], f"{r['rows']} x {r['bits']}", _f(r["median_ms"], 3)] for r in s["unpack"]]))
     for p in s.get("plots", []):
         out += ["", f"![cost]({link}{p})"]
+    return out + runtime_section(s.get("runtime", {}))
+
+
+def runtime_section(rt: dict) -> list[str]:
+    """The issue-16 runtime tables of speed.json (``python bench/speed.py --runtime-only``), one column per torch
+    thread count."""
+    if not rt:
+        return []
+    threads = sorted(rt, key=int)
+    cols = [f"{t} thread{'s' if t != '1' else ''}" for t in threads]
+    out = ["", "### Runtime of the default method", "",
+           f"`python bench/speed.py --runtime-only` · gptq (what `auto` picks at 8x and 25x) fitted on SmolLM2-135M "
+           f"(calibration none, body fp32 like the stock model it is timed against) and MiniLM · contenders interleaved in one run, medians · torch threads: "
+           f"{', '.join(threads)} (2 is torch's default here) · "
+           + "; ".join(f"{t} thread(s): {rt[t]['environment'].get('date_utc', '')}" for t in threads) + ".", ""]
+
+    def grid(section: str, value: str, label: Any, nd: int) -> list[list[str]]:
+        names = []
+        for t in threads:
+            for r in rt[t][section]:
+                k = (r["name"], r.get("tokens"))
+                if k not in names:
+                    names.append(k)
+        vals = {t: {(r["name"], r.get("tokens")): r[value] for r in rt[t][section]} for t in threads}
+        return [label(k) + [_f(vals[t].get(k), nd) for t in threads] for k in names]
+
+    out += ["Greedy generation, SmolLM2-135M, 16-token prompt, 32 new tokens, KV cache (goal: >= 1.0 x stock):", ""]
+    out.append(md_table(["model"] + [f"x stock tokens/s, {c}" for c in cols],
+                        grid("generation", "vs_stock_tokens_per_s", lambda k: [k[0]], 2)))
+    out += ["", "Tied-head logits `compute_logits(h)` vs the dense `h @ E.T` (goal at 25x: <= 0.5 at 1 row, <= 1.0 at 128):", ""]
+    out.append(md_table(["logits", "hidden rows"] + [f"x dense, {c}" for c in cols],
+                        grid("tied_logits", "vs_dense", lambda k: [k[0], str(k[1])], 2)))
+    out += ["", "Lookup of 32 x 128 token ids, SmolLM2 (goal: <= 2 x nn.Embedding):", ""]
+    out.append(md_table(["lookup"] + [f"x nn.Embedding, {c}" for c in cols],
+                        grid("lookup_smollm2", "vs_nn_embedding", lambda k: [k[0]], 2)))
+    out += ["", "MiniLM forward, 8 x 128 tokens, eager and `torch.compile(model, fullgraph=True)` (goal: <= 1.02 eager, "
+            "<= 1.05 compiled):", ""]
+    out.append(md_table(["model"] + [f"median ms, {c}" for c in cols], grid("minilm", "median_ms", lambda k: [k[0]], 1)))
+    out += [""]
+    out.append(md_table(["ratio"] + cols, [[k.replace("_", " "), *[_f(rt[t]["minilm_ratios"][k], 3) for t in threads]]
+                                            for k in ("eager_vs_stock", "compiled_vs_compiled_stock")]))
     return out
 
 

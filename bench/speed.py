@@ -149,14 +149,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=common.RESULTS / "speed.json")
     ap.add_argument("--runtime-only", action="store_true", help="only the issue-16 sections (generation, default-method "
                     "logits and lookups on the fitted SmolLM2, compiled MiniLM); merged into --out")
+    ap.add_argument("--runtime-threads", default="1,2", help="torch thread counts of the --runtime-only sections "
+                    "(default 1,2: one thread, and torch's default on this 2-core machine)")
     args = ap.parse_args(argv)
     if args.runtime_only:
-        torch.set_num_threads(args.threads)
         payload = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "speed"}
-        payload["runtime_environment"] = common.environment()
-        runtime_sections(payload, args.reps or 5)
-        common.write_json(args.out, payload)
-        print_runtime(payload)
+        runtime_sections(payload, args.reps or 5, [int(t) for t in args.runtime_threads.split(",")],
+                         save=lambda: common.write_json(args.out, payload))
         return payload
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -348,79 +347,82 @@ def _gen_fn(model, ids: torch.Tensor, new_tokens: int):
     return run
 
 
-def runtime_sections(payload: dict, reps: int, new_tokens: int = 32) -> None:
-    """Issue 16: generation tokens/s (SmolLM2, ``auto``'s default method gptq at 8x and 25x vs stock, greedy, KV cache),
-    tied logits of the default method at 25x vs dense at 1 / 4 / 128 rows, lookups vs nn.Embedding, and compiled
-    MiniLM 25x (fullgraph) vs compiled stock. Every table interleaves its contenders in one run."""
+def runtime_sections(payload: dict, reps: int, threads: list[int], save: Any = None, new_tokens: int = 32) -> None:
+    """Issue 16, at each torch thread count of ``threads`` (the models are fitted once): generation tokens/s (SmolLM2,
+    ``auto``'s default method gptq at 8x and 25x vs stock, greedy, KV cache; the body kept in the stock model's fp32,
+    so that only the embedding differs), tied logits of gptq 8x / 25x vs dense
+    at 1 / 4 / 128 rows, lookups vs nn.Embedding, and the MiniLM forward of gptq 25x (``auto``'s pick at 25x) vs
+    stock, eager and compiled (fullgraph). Every table interleaves its contenders in one run. Results go to
+    ``payload["runtime"][str(threads)]``; ``save()`` (if given) is called after each thread count."""
     import hf_embcomp
     from hf_embcomp.core import embedding_weight
     from hf_embcomp.io import load_model
 
-    gguf = common.smollm2_gguf()
+    for key in ("generation", "tied_head_default", "lookup_smollm2", "compiled_minilm", "compiled_minilm_ratios",
+                "runtime_environment"):
+        payload.pop(key, None)  # the single-thread layout of 2026-12-01, superseded
     g = torch.Generator().manual_seed(0)
-    # generation
-    src = load_model(str(gguf))
+    src = load_model(str(common.smollm2_gguf()))
     stock = src.model.eval()
     E = embedding_weight(stock).detach().float()
     V, d = E.shape
-    prompt = torch.randint(0, V, (1, 16), generator=g)
-    fns = {"stock": _gen_fn(stock, prompt, new_tokens)}
     comps = {}
     for ratio in (8.0, 25.0):
         t0 = time.perf_counter()
-        comp = hf_embcomp.compress(stock, "gptq", ratio, calibration=None).eval()
-        comps[ratio] = comp
+        comps[ratio] = hf_embcomp.compress(stock, "gptq", ratio, calibration=None, body_dtype="float32").eval()
         print(f"gptq {ratio:g}x fit {time.perf_counter() - t0:.0f} s", flush=True)
-        fns[f"gptq {ratio:g}x"] = _gen_fn(comp, prompt, new_tokens)
-    res = common.interleaved(fns, reps, warmup=1)
-    base = res["stock"]["median_ms"]
-    payload["generation"] = [{"name": k, **v, "new_tokens": new_tokens,
-                              "tokens_per_s": new_tokens / (v["median_ms"] / 1e3),
-                              "vs_stock_tokens_per_s": base / v["median_ms"]} for k, v in res.items()]
-    # tied logits and lookups of the fitted SmolLM2 gptq 25x (the default method at 25x)
-    emb = comps[25.0].get_compressed_embedding()
-    rows = []
-    for n_tok in (1, 4, 128):
-        h = torch.randn(n_tok, d, generator=g)
-        with torch.no_grad():
-            r = common.interleaved({"dense h @ E.T": lambda h=h: h @ E.T, "gptq 25x": lambda h=h: emb.compute_logits(h)}, reps * 3)
-        b = r["dense h @ E.T"]["median_ms"]
-        rows += [{"name": k, "tokens": n_tok, **v, "vs_dense": v["median_ms"] / b} for k, v in r.items()]
-    payload["tied_head_default"] = {"model": "SmolLM2-135M (fitted)", "method": "gptq", "ratio": 25.0,
-                                    "hparams": {k: emb.hparams.get(k) for k in ("bits", "tier_rows", "group_size")},
-                                    "rows": rows}
-    ids = torch.randint(0, V, (32, 128), generator=g)
-    dense = torch.nn.Embedding.from_pretrained(E)
-    lk = {"nn.Embedding": lambda: dense(ids)}
-    for ratio, comp in comps.items():
-        lk[f"gptq {ratio:g}x"] = (lambda e: lambda: e(ids))(comp.get_compressed_embedding())
-    with torch.no_grad():
-        r = common.interleaved(lk, reps * 3)
-    payload["lookup_smollm2"] = [{"name": k, **v, "vs_nn_embedding": v["median_ms"] / r["nn.Embedding"]["median_ms"]}
-                                 for k, v in r.items()]
-    del comps, stock, src, emb
-    gc.collect()
-    # compiled MiniLM 25x vs compiled stock
     mini = load_model(None).model.eval()
-    comp = hf_embcomp.compress(mini, "lighttoken", 25.0).eval()
+    mini_comp = hf_embcomp.compress(mini, "gptq", 25.0).eval()
+    prompt = torch.randint(0, V, (1, 16), generator=g)
+    ids = torch.randint(0, V, (32, 128), generator=g)
     batch = {"input_ids": torch.randint(0, mini.config.vocab_size, (8, 128), generator=g)}
     batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-    fns = {}
-    for name, m in (("stock MiniLM eager", mini), ("lighttoken 25x eager", comp)):
-        fns[name] = (lambda m: lambda: m(**batch))(m)
-    for name, m in (("stock MiniLM compiled", mini), ("lighttoken 25x compiled", comp)):
-        t0 = time.perf_counter()
-        cm = torch.compile(m, fullgraph=True)
+    for n_threads in threads:
+        torch.set_num_threads(n_threads)
+        out: dict[str, Any] = {"environment": common.environment()}
+        fns = {"stock": _gen_fn(stock, prompt, new_tokens)}
+        fns.update({f"gptq {r:g}x": _gen_fn(c, prompt, new_tokens) for r, c in comps.items()})
+        res = common.interleaved(fns, reps, warmup=1)
+        base = res["stock"]["median_ms"]
+        out["generation"] = [{"name": k, **v, "new_tokens": new_tokens, "tokens_per_s": new_tokens / (v["median_ms"] / 1e3),
+                              "vs_stock_tokens_per_s": base / v["median_ms"]} for k, v in res.items()]
+        rows = []
+        for n_tok in (1, 4, 128):
+            h = torch.randn(n_tok, d, generator=g)
+            fns = {"dense h @ E.T": lambda h=h: h @ E.T}
+            fns.update({f"gptq {r:g}x": (lambda e, h=h: lambda: e.compute_logits(h))(c.get_compressed_embedding())
+                        for r, c in comps.items()})
+            with torch.no_grad():
+                r = common.interleaved(fns, reps * 3)
+            b = r["dense h @ E.T"]["median_ms"]
+            rows += [{"name": k, "tokens": n_tok, **v, "vs_dense": v["median_ms"] / b} for k, v in r.items()]
+        out["tied_logits"] = rows
+        dense = torch.nn.Embedding.from_pretrained(E)
+        lk = {"nn.Embedding": lambda: dense(ids)}
+        lk.update({f"gptq {r:g}x": (lambda e: lambda: e(ids))(c.get_compressed_embedding()) for r, c in comps.items()})
         with torch.no_grad():
-            cm(**batch)
-        print(f"compile {name}: {time.perf_counter() - t0:.0f} s", flush=True)
-        fns[name] = (lambda m: lambda: m(**batch))(cm)
-    with torch.no_grad():
-        r = common.interleaved(fns, reps)
-    payload["compiled_minilm"] = [{"name": k, **v} for k, v in r.items()]
-    payload["compiled_minilm_ratios"] = {
-        "eager_vs_stock": r["lighttoken 25x eager"]["median_ms"] / r["stock MiniLM eager"]["median_ms"],
-        "compiled_vs_compiled_stock": r["lighttoken 25x compiled"]["median_ms"] / r["stock MiniLM compiled"]["median_ms"]}
+            r = common.interleaved(lk, reps * 3)
+        out["lookup_smollm2"] = [{"name": k, **v, "vs_nn_embedding": v["median_ms"] / r["nn.Embedding"]["median_ms"]}
+                                 for k, v in r.items()]
+        fns = {"stock MiniLM eager": (lambda: mini(**batch)), "gptq 25x eager": (lambda: mini_comp(**batch))}
+        torch._dynamo.reset()  # compiled CPU kernels are generated for the thread count at compile time
+        for name, m in (("stock MiniLM compiled", mini), ("gptq 25x compiled", mini_comp)):
+            t0 = time.perf_counter()
+            cm = torch.compile(m, fullgraph=True)
+            with torch.no_grad():
+                cm(**batch)
+            print(f"compile {name} ({n_threads} threads): {time.perf_counter() - t0:.0f} s", flush=True)
+            fns[name] = (lambda m: lambda: m(**batch))(cm)
+        with torch.no_grad():
+            r = common.interleaved(fns, reps * 2)
+        out["minilm"] = [{"name": k, **v} for k, v in r.items()]
+        out["minilm_ratios"] = {
+            "eager_vs_stock": r["gptq 25x eager"]["median_ms"] / r["stock MiniLM eager"]["median_ms"],
+            "compiled_vs_compiled_stock": r["gptq 25x compiled"]["median_ms"] / r["stock MiniLM compiled"]["median_ms"]}
+        payload.setdefault("runtime", {})[str(n_threads)] = out
+        if save is not None:
+            save()
+        print_runtime(payload, str(n_threads))
 
 
 def print_tables(p: dict) -> None:
@@ -449,18 +451,19 @@ def print_tables(p: dict) -> None:
     print(common.table(p["unpack"], [("name", "unpack"), ("rows", "rows"), ("bits", "bits"), ("median_ms", "median ms")]))
 
 
-def print_runtime(p: dict) -> None:
-    print("\ngeneration (SmolLM2-135M, greedy, KV cache):")
-    print(common.table(p["generation"], [("name", "model"), ("median_ms", "median ms"), ("tokens_per_s", "tokens/s"),
-                                         ("vs_stock_tokens_per_s", "x stock tokens/s")]))
-    print("\ntied logits, default method (gptq) at 25x, fitted SmolLM2:")
-    print(common.table(p["tied_head_default"]["rows"], [("name", "logits"), ("tokens", "rows"), ("median_ms", "median ms"),
-                                                        ("vs_dense", "x dense")]))
+def print_runtime(p: dict, threads: str) -> None:
+    rt = p["runtime"][threads]
+    print(f"\n== {threads} torch thread(s) ==\ngeneration (SmolLM2-135M, greedy, KV cache):")
+    print(common.table(rt["generation"], [("name", "model"), ("median_ms", "median ms"), ("tokens_per_s", "tokens/s"),
+                                          ("vs_stock_tokens_per_s", "x stock tokens/s")]))
+    print("\ntied logits, default method (gptq), fitted SmolLM2:")
+    print(common.table(rt["tied_logits"], [("name", "logits"), ("tokens", "rows"), ("median_ms", "median ms"),
+                                           ("vs_dense", "x dense")]))
     print("\nlookup 32 x 128 ids, SmolLM2:")
-    print(common.table(p["lookup_smollm2"], [("name", "lookup"), ("median_ms", "median ms"), ("vs_nn_embedding", "x nn.Embedding")]))
+    print(common.table(rt["lookup_smollm2"], [("name", "lookup"), ("median_ms", "median ms"), ("vs_nn_embedding", "x nn.Embedding")]))
     print("\nMiniLM forward 8 x 128, eager and torch.compile(fullgraph=True):")
-    print(common.table(p["compiled_minilm"], [("name", "model"), ("median_ms", "median ms"), ("min_ms", "min ms")]))
-    print(p["compiled_minilm_ratios"])
+    print(common.table(rt["minilm"], [("name", "model"), ("median_ms", "median ms"), ("min_ms", "min ms")]))
+    print(rt["minilm_ratios"])
 
 
 def plot(p: dict, out: Path) -> list[str]:

@@ -317,7 +317,8 @@ class GroupQuantEmbedding(CompressedEmbedding):
         table path of :func:`unpack_codes`, exact for indices < 2^24)."""
         codebook = getattr(self, f"codebook_v{t}")
         bits, k = codebook.shape[0].bit_length() - 1, codebook.shape[1]
-        return unpack_codes(getattr(self, f"codes_v{t}")[rows], bits, self.embedding_dim // k, torch.float32).long()
+        dtype = torch.int64 if 8 % bits == 0 else torch.float32  # whole codes in a byte: straight to int64
+        return unpack_codes(getattr(self, f"codes_v{t}")[rows], bits, self.embedding_dim // k, dtype).long()
 
     def _decode_vq(self, t: int, rows: torch.Tensor | slice) -> torch.Tensor:
         """Rotated rows of vector tier t -> float [n, d]: scale_v * C[c_vj] for every sub-vector j."""
@@ -419,7 +420,8 @@ class GroupQuantEmbedding(CompressedEmbedding):
         N, nbytes = h.shape[0], getattr(self, f"codes_b{bits}").shape[1]
         place = 2.0 ** torch.arange(bits - 1, -1, -1, dtype=torch.float32, device=h.device)
         w = (h[:, :d].unsqueeze(-1) * place).reshape(N, nbytes, 8)  # the weight of every bit of the code stream
-        tables = _unpack_table(torch.float32, h.device) @ w.permute(1, 2, 0)  # [nbytes, 256, N]
+        unpack = _unpack_table(torch.float32, h.device)  # [256, 8]
+        tables = w.reshape(nbytes, 8) @ unpack.T if N == 1 else unpack @ w.permute(1, 2, 0)  # [nbytes, 256, N]
         dots = F.embedding_bag(idx, tables.reshape(-1, N), offsets, mode="sum")  # [n_b * G, N]
         scales = getattr(self, f"scales_b{bits}").float()
         mins = getattr(self, f"mins_b{bits}").float()
@@ -433,7 +435,8 @@ class GroupQuantEmbedding(CompressedEmbedding):
         built as [d / k * 2^b, N] (one contiguous row of N per (slice, codeword))."""
         codebook = getattr(self, f"codebook_v{t}").float()
         N, k = hr.shape[0], codebook.shape[1]
-        tables = codebook @ hr.float().reshape(N, -1, k).permute(1, 2, 0)  # [d / k, K, N]
+        h = hr.float().reshape(N, -1, k)
+        tables = h[0] @ codebook.T if N == 1 else codebook @ h.permute(1, 2, 0)  # [d / k, K, N] (one product at N = 1)
         idx, offsets = self._vq_bag_index(t)
         dots = F.embedding_bag(idx, tables.reshape(-1, N), offsets, mode="sum")  # [n_t, N]
         return dots * getattr(self, f"scales_v{t}").float()
