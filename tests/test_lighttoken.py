@@ -7,6 +7,7 @@ minutes on 2 cores. The full-quality numbers are in bench/lighttoken_vs_svd.py.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 
 import pytest
@@ -17,7 +18,7 @@ import hf_embcomp
 from hf_embcomp.core import fidelity
 from hf_embcomp.hub_code.embcomp_base import pack_bits, unpack_bits
 from hf_embcomp.methods.base import RatioError
-from hf_embcomp.methods.lighttoken import LightTokenConfig, _fit, select_exact_ids
+from hf_embcomp.methods.lighttoken import LightTokenConfig, _fit, _refine_codes, select_exact_ids
 from hf_embcomp.methods.svd import SVDConfig, SVDMethod
 from tests.support.isolated import run_isolated
 
@@ -126,6 +127,42 @@ def test_refit_never_worsens_reconstruction(minilm_E):
         assert st["after_refit"]["rel_frob"] <= st["before_refit"]["rel_frob"] + 1e-6
         for s in range(cfg.stages):
             assert st[f"stage{s + 1}"]["rel_frob_refit"] <= st[f"stage{s + 1}"]["rel_frob_hard"] + 1e-6
+
+
+def test_code_refinement_finds_the_best_codes_and_never_worsens_a_row():
+    g = torch.Generator().manual_seed(0)
+    d, M, n = 12, 4, 64
+    target = torch.randn(n, d, generator=g)
+    c = 0.1 * torch.randn(d, generator=g)
+
+    def err(B, W):
+        return ((target - B.float() @ W.T - c) ** 2).sum(1)
+
+    # orthogonal decoder columns: the bits decouple, so single-bit flips reach the exhaustive optimum
+    W = torch.linalg.qr(torch.randn(d, M, generator=g))[0] * torch.tensor([3.0, 2.0, 1.5, 0.5])
+    B = torch.randint(0, 2, (n, M), generator=g, dtype=torch.uint8)
+    before = err(B, W)
+    flipped = _refine_codes(target, B, W, c, n)
+    every = torch.tensor(list(itertools.product([0, 1], repeat=M)), dtype=torch.float32)  # [2^M, M]
+    best = ((target[:, None] - every @ W.T - c) ** 2).sum(-1).min(1).values
+    assert flipped > 0 and (err(B, W) < before - 1e-4).any()
+    assert torch.allclose(err(B, W), best, atol=1e-4)
+    # any decoder: no row gets worse
+    W = torch.randn(d, M, generator=g)
+    B = torch.randint(0, 2, (n, M), generator=g, dtype=torch.uint8)
+    before = err(B, W)
+    _refine_codes(target, B, W, c, n)
+    assert (err(B, W) <= before + 1e-5).all()
+
+
+def test_code_rounds_lower_the_fit_error(minilm_E):
+    rows = minilm_E[torch.randperm(minilm_E.shape[0], generator=torch.Generator().manual_seed(2))[:4096]]
+    cfg = dataclasses.replace(LightTokenConfig.from_ratio(30522, 384, 100), dtype="float32", exact_rows=0, **FAST)
+    off = _fit(rows, dataclasses.replace(cfg, code_sweeps=0), log=False)["stats"]["after_refit"]["rel_frob"]
+    st = _fit(rows, dataclasses.replace(cfg, code_sweeps=2), log=False)["stats"]
+    assert st["code_round1"]["flipped"] > 0
+    assert st["code_round2"]["rel_frob"] <= st["code_round1"]["rel_frob"] + 1e-6
+    assert st["after_refit"]["rel_frob"] < off
 
 
 def test_beats_svd_at_same_bytes_on_minilm(minilm_E):
