@@ -54,7 +54,11 @@ round-to-nearest 4-bit g32 asymmetric 22.76, imatrix-weighted scales 22.12, GPTQ
 GPTQ + rotation 23.46; 2-bit g32: RTN 87.3, imatrix 53.9, GPTQ 38.8, GPTQ + rotation 31.7; 4-bit g128 + rotation
 21.97 (4.25 bits per weight; llama.cpp Q4_K at 4.5: 22.53 on a 21.22 baseline). GPTQ's act-order hurt here
 (2-bit 65.4), a second Hadamard layer across blocks did not help (2-bit 34.0), adding the input side to H hurt
-perplexity (2-bit 34.8).
+perplexity (2-bit 34.8). At 25x (calibrated allocation, baseline 32.81), tried and not kept: GPTVQ's codebook
+update (section 3.3; conjugate gradients on the row-weighted H'-error in the codebook with the indices fixed, then
+the row scales refit) lowers a vector tier's error by only 0.2-0.7 % (32.77, +33 % fit time); row weights from the
+model's predicted probabilities summed over the calibration tokens ("soft counts") instead of token counts: 35.87
+(floor 0), 34.97 (floor 0.3), their mean with the counts 33.15 (floor 0.1).
 
 8. Mean row (``center``): the tiers quantise x'_v - mu with mu = mean_v(e_v) R (d values at ``dtype``) and
    the runtime adds mu back. Every quantiser here spends its bits on the whole row, and the mean row is what all
