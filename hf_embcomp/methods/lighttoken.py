@@ -38,6 +38,12 @@ This project's open choices
   Measured at 25x on MiniLM (lam 4, 12 epochs): S = 1 (408 bits) row cos 0.827, S = 2 (208 + 200) 0.845,
   S = 3 0.844; k = 0 0.845, k = 4 0.828, k = 8 0.808 - this matrix is not low-rank (peers.md), so
   the fp16 bytes of P buy less than codes do, and the solver's rule takes the smallest rank of its grid.
+  At small budgets 3 stages win (metric fit, code refinement, 72-128 exact rows): all-MiniLM-L6-v2 102x STS-B
+  dev x100, seeds 0/1/2, [48, 40] 84.20 / 83.66 / 84.16 against [32, 32, 24] 84.82 / 84.43 / 84.50 ([24, 24,
+  24, 16] 84.34, six stages 83.72, one stage 83.97); 52x [88, 88] 85.67 against [64, 56, 56] 85.87; SmolLM2
+  4,096-token perplexity 100x [72, 64] 3,443 against [48, 48, 40] 3,374, but 50x [144, 144] 1,296 against
+  [96, 96, 96] 1,339. So the rule takes 3 stages where 2 would get at most :data:`THREE_STAGE_BITS` (96) bits
+  each, else 2.
 - Training init (ours): encoder rows are random directions scaled to unit-variance projections and
   centred on their median (balanced bits); the decoder starts as the least-squares fit to the initial
   soft codes. Random-projection codes + least squares alone give row cos 0.791 at 25x; training adds
@@ -312,11 +318,20 @@ def default_exact_rows(num_embeddings: int, embedding_dim: int, budget: float, d
     return max(0, min(n, EXACT_MAX, num_embeddings // 8) // 8 * 8)
 
 
+THREE_STAGE_BITS = 96
+"""The rule's stage count: 3 stages where 2 would get at most this many bits each, else 2 (module docstring)."""
+
+
 def _rule_pick(cands: list[LightTokenConfig]) -> LightTokenConfig:
-    """Measured rule (MiniLM, SmolLM2 at 25x and 100x): float16, the smallest rank, 2 stages."""
+    """Measured rule (MiniLM, SmolLM2 at 25x, 50x and 100x): float16, the smallest rank, 2 stages, or 3 where 2
+    stages would get at most :data:`THREE_STAGE_BITS` bits each (the small budgets of ~50x and more)."""
+    fp16 = [c for c in cands if c.dtype == "float16"] or cands
+    low = min(c.rank for c in fp16)
+    two = [c for c in fp16 if c.rank == low and c.stages == 2]
+    stages = 3 if two and max(two[0].stage_bits) <= THREE_STAGE_BITS else 2
 
     def key(c: LightTokenConfig):
-        return (c.dtype != "float16", c.rank, abs(c.stages - 2))
+        return (c.dtype != "float16", c.rank, abs(c.stages - stages))
 
     return min(cands, key=key)
 
