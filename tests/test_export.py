@@ -195,8 +195,8 @@ def test_minilm_lighttoken_25x_onnx(tmp_path, minilm_path):
     """Issue 17 acceptance: MiniLM lighttoken 25x, ONNX file <= 1.05x model.safetensors, onnxruntime within 1e-4 of
     torch on 8 real sentences of mixed lengths (one padded batch), tokenizer files in the export folder.
 
-    The 1e-4 holds on the attended tokens and on the masked mean pooling sentence-transformers computes from them
-    (measured 2.7e-6). Padded positions are only bounded at 1e-3: no consumer reads them, and their float
+    The 1e-4 holds on the attended tokens (measured 2.7e-6), and so on the masked mean pooling sentence-transformers
+    computes from them. Padded positions are only bounded at 1e-3: no consumer reads them, and their float
     differences run larger (1.5e-4 measured with code refinement on; the stock MiniLM export's own: 1.6e-5)."""
     from hf_embcomp.body import state_dict_bytes
     from hf_embcomp.io import load_model
@@ -217,9 +217,6 @@ def test_minilm_lighttoken_25x_onnx(tmp_path, minilm_path):
         ref = model(**tok(SENTENCES, padding=True, return_tensors="pt")).last_hidden_state.numpy()
     mask = enc["attention_mask"].astype(bool)
     diff = np.abs(got - ref)
-    assert float(diff[mask].max()) < 1e-4
-    m = mask[..., None].astype(np.float32)
-    pooled_diff = np.abs((got * m).sum(1) / m.sum(1) - (ref * m).sum(1) / m.sum(1)).max()
-    assert float(pooled_diff) < 1e-4
+    assert float(diff[mask].max()) < 1e-4  # bounds the masked mean pooling's difference too
     assert float(diff.max()) < 1e-3
     assert (tmp_path / "onnx" / "modules.json").is_file()  # sentence-transformers files came along
