@@ -30,12 +30,16 @@ BODY_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _GGUF_FLOAT = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
-def gguf_body_info(path: str | Path) -> tuple[str, int]:
+def gguf_body_info(path: str | Path | Any) -> tuple[str, int]:
     """The precision class of a GGUF file's weight matrices and the bytes of all its tensors.
 
     The class is that of the matrices other than ``token_embd.weight`` (1-D tensors such as norms are float32
     in every GGUF file and are ignored): ``"float32"`` if they are all F32, ``"float16"`` if the widest is F16,
     else ``"bfloat16"`` (quantised types such as Q4_1 and Q8_0, and BF16).
+
+    Args:
+        path: the GGUF file, or the file already opened as a ``gguf.GGUFReader`` (opening one parses all the
+            metadata: ~10 s for SmolLM2's vocabulary).
 
     Returns:
         (dtype name, bytes): bytes is the sum of every tensor's stored bytes (body + embedding), the
@@ -43,7 +47,7 @@ def gguf_body_info(path: str | Path) -> tuple[str, int]:
     """
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(path))
+    reader = path if isinstance(path, GGUFReader) else GGUFReader(str(path))
     kinds = {t.tensor_type.name for t in reader.tensors if t.name != "token_embd.weight" and len(t.shape) > 1}
     total = sum(int(t.n_bytes) for t in reader.tensors)
     if kinds and kinds <= {"F32"}:

