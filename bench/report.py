@@ -47,6 +47,67 @@ def bucket(ratio: float, ratios: list[float]) -> float:
     return min(ratios, key=lambda r: abs(math.log(ratio / r)))
 
 
+def best_at_equal_bytes(rows: list[dict], metric: str, lower_is_better: bool,
+                        ratios: list[float]) -> list[tuple[float, dict | None, dict | None, dict | None]]:
+    """Per requested ratio: our best post-training row, our best recovered row, and the best peer that stores at most
+    as many bytes as that post-training row (actual ratio >= its actual ratio; fixed-ratio formats included
+    wherever they qualify). Rows without a finite ``metric`` are left out.
+
+    Returns:
+        [(requested ratio, ours, ours recovered, best peer)], None where there is none.
+    """
+    def ok(r: dict) -> bool:
+        v = r.get(metric)
+        return r.get("status") == "ok" and isinstance(v, (int, float)) and math.isfinite(v)
+
+    def best(rs: list[dict]) -> dict | None:
+        return (min if lower_is_better else max)(rs, key=lambda r: r[metric]) if rs else None
+
+    out = []
+    for c in ratios:
+        here = [r for r in rows if ok(r) and r["kind"] == "ours" and r.get("ratio_requested") is not None
+                and float(r["ratio_requested"]) == c]
+        ours = best([r for r in here if not r.get("recovery")])
+        if ours is None:
+            continue
+        rec = best([r for r in here if r.get("recovery")])
+        peer = best([r for r in rows if ok(r) and r["kind"] == "peer" and r["ratio"] >= ours["ratio"] * (1 - 1e-9)])
+        out.append((c, ours, rec, peer))
+    return out
+
+
+def best_section(rows: list[dict], base: dict, metric: str, ratios: list[float]) -> list[str]:
+    """The table of :func:`best_at_equal_bytes`, with the change against the uncompressed model."""
+    lower = metric == "perplexity"
+    ref = base.get("perplexity") if lower else base.get(metric)
+
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "–"
+        name = r.get("peer") or r["method"]
+        name = r["method"] if r["kind"] == "peer" and r.get("ratio_requested") is None else name
+        v, nd = r[metric], 4 if metric == "sentence_cosine" else 2
+        if ref is None:
+            change = ""
+        elif lower:
+            change = f" ({100 * (v / ref - 1):+,.1f} %)"
+        else:
+            change = f" ({v - ref:+.{nd}f})"
+        return f"{name} {r['ratio']:.1f}x: {_f(float(v), nd)}{change}"
+
+    body = []
+    for c, ours, rec, peer in best_at_equal_bytes(rows, metric, lower, ratios):
+        wins = peer is None or (ours[metric] <= peer[metric] if lower else ours[metric] >= peer[metric])
+        body.append([f"{c:g}x", cell(ours), cell(rec) if rec else "", cell(peer), "yes" if wins else "**no**"])
+    if not body:
+        return []
+    what = "perplexity, lower is better" if lower else metric.replace("_", " ") + ", higher is better"
+    return ["", f"Best at equal or fewer bytes ({what}; the best peer among those whose actual ratio is at least our "
+                "post-training row's):", "",
+            md_table(["ratio", "hf-embcomp, post-training", "hf-embcomp, recovered", "best peer, <= bytes",
+                      "ours at least as good"], body)]
+
+
 def quality_section(q: dict, link: str, source: str = "quality.json", title: str = "Quality at equal stored bytes") -> list[str]:
     out = [f"### {title}", "", f"From `bench/results/{source}`.", ""]
     env = q.get("environment", {})
@@ -122,6 +183,9 @@ def quality_section(q: dict, link: str, source: str = "quality.json", title: str
             out += ["", f"STS-B dev Spearman x100 (zero-shot, cosine, mean pooling; uncompressed "
                         f"{base['stsb_spearman']:.2f}; cells: score (change, actual ratio)):", "",
                     md_table(["method (bold: hf-embcomp)"] + [f"{c:g}x" for c in ratios], body2)]
+        out += best_section(rows, base, down, ratios)
+        if base.get("stsb_spearman") is not None:
+            out += best_section(rows, base, "stsb_spearman", ratios)
         out += ["", "<details><summary>all rows (row cosine, relative Frobenius error, fit time)</summary>", ""]
         det = []
         for r in sorted((r for r in rows if r["status"] == "ok"), key=lambda r: (r["ratio"], r["kind"] != "ours")):

@@ -207,3 +207,34 @@ def test_torchao_peer_bytes_and_error():
     assert r4.stored_bytes == 200 * 64 // 2 + 200 * 2 * (4 + 1) and r4.params["in_memory_bytes"] > r4.stored_bytes
     err = [float((r.reconstruction - E).norm() / E.norm()) for r in (r8, r4, peers.torchao_quantise(E, 2))]
     assert err[0] < err[1] < err[2] < 1
+
+
+def test_best_at_equal_bytes_takes_only_peers_with_fewer_bytes():
+    """The generated "best at equal or fewer bytes" table compares our row with peers whose actual ratio is at least
+    ours: a better peer with more bytes is not taken, nor a row without a finite score; recovered rows stand apart."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import report
+    finally:
+        sys.path.remove(str(BENCH))
+    rows = [
+        {"kind": "ours", "method": "gptq", "ratio_requested": 8, "ratio": 8.0, "perplexity": 23.0, "status": "ok"},
+        {"kind": "ours", "method": "lighttoken", "ratio_requested": 8, "ratio": 8.01, "perplexity": 26.0, "status": "ok"},
+        {"kind": "ours", "method": "gptq+recover", "ratio_requested": 8, "ratio": 8.0, "perplexity": 22.5,
+         "status": "ok", "recovery": {"steps": 3}},
+        {"kind": "peer", "method": "Q4_K", "peer": "ggml-Q4_K", "ratio_requested": None, "ratio": 7.1,
+         "perplexity": 22.9, "status": "ok"},  # better, but more bytes
+        {"kind": "peer", "method": "Q3_K", "peer": "ggml-Q3_K", "ratio_requested": None, "ratio": 9.3,
+         "perplexity": 27.0, "status": "ok"},
+        {"kind": "peer", "method": "PQ", "peer": "faiss-pq", "ratio_requested": 8, "ratio": 8.0,
+         "perplexity": 24.0, "status": "ok"},  # equal bytes count
+        {"kind": "peer", "method": "broken", "peer": "x", "ratio_requested": None, "ratio": 9.0,
+         "perplexity": float("nan"), "status": "ok"},
+        {"kind": "peer", "method": "failed", "peer": "y", "ratio_requested": None, "ratio": 9.0, "status": "failed"},
+    ]
+    ((c, ours, rec, peer),) = report.best_at_equal_bytes(rows, "perplexity", True, [8.0, 16.0])
+    assert (c, ours["method"], rec["method"], peer["method"]) == (8.0, "gptq", "gptq+recover", "PQ")
+    rows[5]["perplexity"] = 22.0  # a peer at equal bytes that is better: the table says we lose
+    text = "\n".join(report.best_section(rows, {"perplexity": 20.0}, "perplexity", [8.0]))
+    assert "| 8x | gptq 8.0x: 23.00 (+15.0 %) | gptq+recover 8.0x: 22.50 (+12.5 %) | faiss-pq 8.0x: 22.00 (+10.0 %) | **no** |" in text
+    assert report.best_at_equal_bytes(rows, "stsb_spearman", False, [8.0]) == []  # no row has that metric
