@@ -73,7 +73,10 @@ This project's open choices
   Verbatim rows beat more bits for many frequent rows: at 102x on all-MiniLM-L6-v2 (metric fit, code
   refinement; STS-B dev x100, 72 exact rows 84.20), 8 exact rows plus an extra m-bit residual code stage for the
   K most frequent rows, at equal bytes, gave 82.70 (K = 1200, m = 48), 80.91 (3000, 32), 81.75 (6000, 16) in a
-  simulation (reconstruction swapped into the stock model); 96 exact rows 83.90, 128 84.24.
+  simulation (reconstruction swapped into the stock model); 96 exact rows 83.90, 128 84.24. Nor does a short
+  recovery help STS-B there: with 3 stages (84.82), 5 minutes of ``hf-embcomp recover`` (decoder only) raise the
+  held-out sentence cosine it trains for (0.600 -> 0.684) but lower STS-B to 84.21 (the ``lighttoken+recover``
+  row of ``bench/results/quality_minilm_vs_llamacpp.json``).
 - Frequency-weighted fit (ours, optional ``freq_power`` alpha): rows weigh (count + 1)^alpha in the loss and
   in the refits. At 25x on MiniLM with 128 exact rows: alpha 0 sentence cosine 0.925 / row cosine 0.837 /
   1st percentile 0.760; alpha 0.25: 0.932 / 0.834 / 0.749; alpha 0.5: 0.931 / 0.826 / 0.734. The gain is
