@@ -137,12 +137,18 @@ def export_model_onnx(model: torch.nn.Module, path: str | os.PathLike, task: str
         The graph's input names.
 
     Raises:
-        ExportError: unknown task.
+        ExportError: unknown task, or a floating-point weight of ``model`` is not float32 (onnxruntime's CPU kernels
+            reject the bfloat16 graph that, e.g., an in-memory model compressed from a GGUF file would give).
     """
     import torch
 
     if task not in TASKS:
         raise ExportError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}.")
+    wide = sorted({str(t.dtype).removeprefix("torch.") for t in [*model.parameters(), *model.buffers()]
+                   if t.is_floating_point() and t.dtype != torch.float32})
+    if wide:
+        raise ExportError(f"the model has {'/'.join(wide)} weights; the ONNX graph is float32: save it and run "
+                          "`hf-embcomp export onnx DIR OUT` (it loads in float32), or pass a float32 model.")
     # torch.export's structured trace log ("torch.__trace") propagates DEBUG records to the root logger: under a
     # root handler (the CLI's, pytest's) every graph is formatted as text, which multiplies the export time.
     trace_log = logging.getLogger("torch.__trace")

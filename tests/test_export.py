@@ -115,6 +115,13 @@ def test_sliding_window_with_past(tmp_path):
     assert diff < 1e-4 and same
 
 
+def test_non_float32_model_is_refused_before_export(tmp_path):
+    comp = _compress(tiny_model("llama"), "svd").to(torch.bfloat16)
+    with pytest.raises(ExportError, match="bfloat16 weights.*hf-embcomp export onnx"):
+        export_model_onnx(comp, tmp_path / "m.onnx", "text-generation")
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_stock_export_is_bigger(tmp_path):
     stock = tiny_model("llama")
     comp = _compress(stock, "svd")
