@@ -47,6 +47,14 @@ def bucket(ratio: float, ratios: list[float]) -> float:
     return min(ratios, key=lambda r: abs(math.log(ratio / r)))
 
 
+def row_name(r: dict) -> str:
+    """A row's name in the tables: the peer's key for a ratio-driven peer (its columns give the ratio), the method's
+    own name otherwise (fixed-ratio formats such as ``ggml-Q4_K+imatrix``, and ours)."""
+    if r["kind"] == "peer" and r.get("ratio_requested") is None:
+        return r["method"]
+    return r.get("peer") or r["method"]
+
+
 def best_at_equal_bytes(rows: list[dict], metric: str, lower_is_better: bool,
                         ratios: list[float]) -> list[tuple[float, dict | None, dict | None, dict | None]]:
     """Per requested ratio: our best post-training row, our best recovered row, and the best peer that stores at most
@@ -84,8 +92,7 @@ def best_section(rows: list[dict], base: dict, metric: str, ratios: list[float])
     def cell(r: dict | None) -> str:
         if r is None:
             return "–"
-        name = r.get("peer") or r["method"]
-        name = r["method"] if r["kind"] == "peer" and r.get("ratio_requested") is None else name
+        name = row_name(r)
         v, nd = r[metric], 4 if metric == "sentence_cosine" else 2
         if ref is None:
             change = ""
@@ -138,9 +145,7 @@ def quality_section(q: dict, link: str, source: str = "quality.json", title: str
         for r in rows:
             if r["status"] != "ok":
                 continue
-            name = r.get("peer") or r["method"]
-            if r["kind"] == "peer" and r.get("ratio_requested") is None:
-                name = r["method"]
+            name = row_name(r)
             col = float(r["ratio_requested"]) if r.get("ratio_requested") is not None else bucket(r["ratio"], ratios)
             if name not in names:
                 names.append(name)

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +33,7 @@ BODY_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _GGUF_FLOAT = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
-def gguf_body_info(path: str | Path | Any) -> tuple[str, int]:
+def gguf_body_info(path: str | Path | GGUFReader) -> tuple[str, int]:
     """The precision class of a GGUF file's weight matrices and the bytes of all its tensors.
 
     The class is that of the matrices other than ``token_embd.weight`` (1-D tensors such as norms are float32
