@@ -89,12 +89,16 @@ def test_gptq_tables_and_decode_match_the_reference(group, vq, center):  # 64: t
     E = _gptq_reference(emb)  # F.embedding; k = 2, 4: as one int64 / complex128 element) and a mean row
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        for n in (1, 3, 4, 5, 40):  # <= 4 rows: byte tables; more: tables for the cheap tiers (1-2 bits, k = 8),
-            # decoded chunks for the others; 40 rows with logits_table_rows 32: two table passes
-            h = torch.randn(2, n, emb.embedding_dim, generator=g)
-            got = emb(logits_from=h)
-            assert got.shape == (2, n, emb.num_embeddings)
-            assert _close(got.double(), h.double() @ E.T), n
+        for use in (0.0, type(emb).logits_table_use):  # 0: every tier that may read tables does (these tiers are
+            for n in (1, 3, 4, 5, 40):  # too small to pay for them under the default); <= 4 rows: byte tables; more:
+                # tables for the cheap tiers (1-2 bits, k = 8), decoded chunks for the others; 40 rows with
+                # logits_table_rows 32: two table passes
+                emb.logits_table_use = use
+                h = torch.randn(2, n, emb.embedding_dim, generator=g)
+                got = emb(logits_from=h)
+                assert got.shape == (2, n, emb.num_embeddings)
+                assert _close(got.double(), h.double() @ E.T), (use, n)
+        del emb.logits_table_use
         emb.logits_table_rows = 0  # the decode path at one row gives the same logits as the tables
         h = torch.randn(1, emb.embedding_dim, generator=g)
         ref = emb.compute_logits(h)

@@ -165,6 +165,9 @@ class GroupQuantEmbedding(CompressedEmbedding):
     most this fraction of d (scalar tiers of at most 2 bits, vector tiers of k >= 4); the others are decoded and
     multiplied (a table read costs more than a multiply-add in a matrix product)."""
     logits_table_bits = 8
+    logits_table_use = 2.0
+    """A tier reads byte tables only where its rows make at least this many table reads per table entry built (a
+    tier of a few rows is decoded: building its tables would cost more than the rows)."""
     """Widest tier read through byte tables (their index cache is bits / 8 of the tier's dense fp32 bytes)."""
 
     @property
@@ -362,31 +365,49 @@ class GroupQuantEmbedding(CompressedEmbedding):
         hr = self.rotate(hidden.to(self.dtype)).reshape(-1, d)  # [N, d]
         hp = F.pad(hr, (0, G * g - d))  # [N, G*g]: zeros against the padding coordinates of _decode(padded=True)
         N = hr.shape[0]
+        # h . (x' + mu) = h . x' + h . mu: every tier adds h . mu [N] where it scales its rows (no pass over [V, N])
+        hmu = hr @ self.row_mean.to(hr.dtype) if self.centered else torch.zeros(N, dtype=hr.dtype, device=hr.device)
         training = torch.is_grad_enabled() and (hr.requires_grad or any(p.requires_grad for p in self.parameters(recurse=False)))
         tables = self.logits_table_rows > 0 and not is_exporting() and not training
         parts = []  # [n, N] per tier, in tier order
         for name, _, n in self.all_tiers:
-            reads = self._table_reads(name) if tables else None
-            if reads is not None and (N <= self.logits_few_rows or reads <= self.logits_table_reads * d):
+            if tables and self._use_tables(name, n, N):
                 c = self.logits_table_rows
-                chunks = [self._tier_tables(name, hr[i : i + c], hp[i : i + c]) for i in range(0, N, c)]
+                chunks = [self._tier_tables(name, hr[i : i + c], hp[i : i + c], hmu[i : i + c]) for i in range(0, N, c)]
                 parts.append((chunks[0] if len(chunks) == 1 else torch.cat(chunks, 1)).to(hr.dtype))
             else:
-                parts += [self._tier_decoded(name, slice(i, i + self.logits_chunk), hr, hp) for i in range(0, n, self.logits_chunk)]
+                parts += [self._tier_decoded(name, slice(i, i + self.logits_chunk), hr, hp, hmu)
+                          for i in range(0, n, self.logits_chunk)]
         logits = torch.cat(parts).index_select(0, order)  # [V, N]: tier order -> vocabulary order
-        if self.centered:  # h . (x' + mu) = h . x' + h . mu
-            logits = logits + hr @ self.row_mean.to(hr.dtype)
         return logits.T.contiguous().reshape(*hidden.shape[:-1], self.num_embeddings)
 
-    def _tier_decoded(self, name: str, rows: slice, hr: torch.Tensor, hp: torch.Tensor) -> torch.Tensor:
+    def _use_tables(self, name: str, n: int, N: int) -> bool:
+        """Whether tier ``name`` (n rows) computes its logits of N hidden rows from byte tables: the tier takes tables
+        (:meth:`_table_reads`); N is at most :attr:`logits_few_rows` or its reads a row at most
+        :attr:`logits_table_reads` of d; and for N > 1, its rows read at least :attr:`logits_table_use` times the
+        entries of its tables (at N = 1 a table is one cheap product)."""
+        reads = self._table_reads(name)
+        if reads is None or (N > self.logits_few_rows and reads > self.logits_table_reads * self.embedding_dim):
+            return False
+        return N == 1 or n * reads >= self.logits_table_use * self._table_entries(name)
+
+    def _tier_decoded(self, name: str, rows: slice, hr: torch.Tensor, hp: torch.Tensor, hmu: torch.Tensor) -> torch.Tensor:
         """Logits [n, N] of rows ``rows`` of tier ``name`` against hr (float [N, d], rotated; hp: zero-padded to
-        [N, G*g]): the rows decoded and multiplied (vector tiers: scaled after the product, the cheaper side)."""
+        [N, G*g]) plus hmu [N] (h . mu): the rows decoded and multiplied (vector tiers: scaled after the product, the
+        cheaper side)."""
         if name[0] == "v":
             t = int(name[1:])
-            return (self._decode_vq(t, rows, scaled=False) @ hr.T) * getattr(self, f"scales_v{t}")[rows]
-        return self._decode(name, rows, padded=True) @ hp.T
+            return torch.addcmul(hmu, self._decode_vq(t, rows, scaled=False) @ hr.T, getattr(self, f"scales_v{t}")[rows])
+        return torch.addmm(hmu, self._decode(name, rows, padded=True), hp.T)
 
     # --- byte tables (tied logits without decoding the rows) ----------------------------------------------
+    def _table_entries(self, name: str) -> int:
+        """Entries of tier ``name``'s byte tables per hidden row: d / k * 2^b (vector), code bytes * 256 (scalar)."""
+        if name[0] == "v":
+            K, k = getattr(self, f"codebook_v{name[1:]}").shape
+            return self.embedding_dim // k * K
+        return getattr(self, f"codes_b{name[1:]}").shape[1] * 256
+
     def _table_reads(self, name: str) -> int | None:
         """Table reads per row of tier ``name`` (scalar: d * bits / 8 code bytes; vector: d / k indices), None where
         the tier takes no byte tables."""
@@ -395,17 +416,21 @@ class GroupQuantEmbedding(CompressedEmbedding):
         bits = int(name[1:])
         return self.embedding_dim * bits // 8 if self._table_ok(bits) else None
 
-    def _tier_tables(self, name: str, hr: torch.Tensor, hp: torch.Tensor) -> torch.Tensor:
-        """float32 logits [n, N] of tier ``name`` against hr (float [N, d], rotated; hp zero-padded), from tables."""
-        return self._logits_vq_tables(int(name[1:]), hr) if name[0] == "v" else self._logits_tables(int(name[1:]), hp)
+    def _tier_tables(self, name: str, hr: torch.Tensor, hp: torch.Tensor, hmu: torch.Tensor) -> torch.Tensor:
+        """float32 logits [n, N] of tier ``name`` against hr (float [N, d], rotated; hp zero-padded) plus hmu [N],
+        from tables."""
+        if name[0] == "v":
+            return self._logits_vq_tables(int(name[1:]), hr, hmu)
+        return self._logits_tables(int(name[1:]), hp, hmu)
 
     def _table_ok(self, bits: int) -> bool:
         """Whether tier ``bits`` takes byte tables: at most :attr:`logits_table_bits` bits, and no byte holds bits
         of two groups."""
         return bits <= self.logits_table_bits and (self.group_size * bits) % 8 == 0 and (self.embedding_dim * bits) % 8 == 0
 
-    def _logits_tables(self, bits: int, hp: torch.Tensor) -> torch.Tensor:
-        """Tier ``bits`` logits of hp (float [N, G*g], rotated, zero-padded) -> float32 [n_b, N] from byte tables.
+    def _logits_tables(self, bits: int, hp: torch.Tensor, hmu: torch.Tensor) -> torch.Tensor:
+        """Tier ``bits`` logits of hp (float [N, G*g], rotated, zero-padded) plus hmu [N] -> float32 [n_b, N] from
+        byte tables.
 
         q_vg . h_g (q the codes of row v in group g) is the sum over the code bytes of group g of
         table_j[byte], table_j[c] = sum over the bits set in byte value c of (place value) * h[coordinate of the
@@ -424,11 +449,11 @@ class GroupQuantEmbedding(CompressedEmbedding):
         dots = F.embedding_bag(idx, tables.reshape(-1, N), offsets, mode="sum")  # [n_b * G, N]
         scales = getattr(self, f"scales_b{bits}").float()
         mins = getattr(self, f"mins_b{bits}").float()
-        out = (dots.unflatten(0, (-1, G)) * scales.unsqueeze(-1)).sum(1)  # [n_b, N]
+        out = (dots.unflatten(0, (-1, G)) * scales.unsqueeze(-1)).sum(1).add_(hmu.float())  # [n_b, N]
         return torch.addmm(out, mins, h.unflatten(-1, (G, g)).sum(-1).T)
 
-    def _logits_vq_tables(self, t: int, hr: torch.Tensor) -> torch.Tensor:
-        """Vector tier t logits of hr (float [N, d], rotated) -> float32 [n_t, N] from codebook tables:
+    def _logits_vq_tables(self, t: int, hr: torch.Tensor, hmu: torch.Tensor) -> torch.Tensor:
+        """Vector tier t logits of hr (float [N, d], rotated) plus hmu [N] -> float32 [n_t, N] from codebook tables:
         T_j[c] = h_j . C[c] (h_j the j-th k-coordinate slice of h), logits_v = scale_v sum_j T_j[c_vj]; one
         ``embedding_bag`` sums the d / k table entries of each row: exact, d / k table reads a row. The tables are
         built as [d / k * 2^b, N] (one contiguous row of N per (slice, codeword))."""
@@ -438,7 +463,7 @@ class GroupQuantEmbedding(CompressedEmbedding):
         tables = h[0] @ codebook.T if N == 1 else codebook @ h.permute(1, 2, 0)  # [d / k, K, N] (one product at N = 1)
         idx, offsets = self._vq_bag_index(t)
         dots = F.embedding_bag(idx, tables.reshape(-1, N), offsets, mode="sum")  # [n_t, N]
-        return dots * getattr(self, f"scales_v{t}").float()
+        return torch.addcmul(hmu.float(), dots, getattr(self, f"scales_v{t}").float())
 
     def _vq_bag_index(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``embedding_bag`` input of vector tier t: int32 [n_t * d / k] (index + K * its position in the row)
