@@ -84,26 +84,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int, dtype: torch.dtype
         words = words + torch.arange(0, 256 * bits, 256, dtype=torch.int32, device=packed.device)
         vals = F.embedding_bag(words, _word_table(bits, packed.device), mode="sum").to(dtype)  # [n * nb / bits, 8]
         return vals.reshape(*packed.shape[:-1], -1)[..., :count]
-    if bits <= 17:  # a code spans at most 3 bytes: one 24-bit window a code, shifted and masked (exportable)
-        return _unpack_windows(packed, bits, count).to(dtype)
     stream = unpack_bits(packed, count * bits, torch.int32).unflatten(-1, (count, bits))
     weights = 1 << torch.arange(bits - 1, -1, -1, device=packed.device, dtype=torch.int32)
     return (stream * weights).sum(-1).to(dtype)
-
-
-def _unpack_windows(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """uint8 [..., nbytes] (big-endian stream of ``bits``-bit codes, ``bits`` <= 17) -> float32 [..., count] (whole
-    numbers, exact).
-
-    Code j starts at bit s = j * bits: w = the 3 bytes from s // 8 as a 24-bit integer, code = floor(w / 2^r) mod
-    2^bits with r = 24 - s % 8 - bits. The windows of all bytes, one gather of [..., count] and float arithmetic,
-    exact below 2^24 (ONNX Gather / Mul / Floor), instead of a [..., count * bits] bit stream weighted and summed."""
-    dev = packed.device
-    start = torch.arange(count, device=dev, dtype=torch.int64) * bits
-    p = F.pad(packed, (0, 2)).to(torch.float32)
-    w = (p[..., :-2] * 65536.0 + p[..., 1:-1] * 256.0 + p[..., 2:]).index_select(-1, start // 8)  # 3-byte windows
-    high = torch.floor(w * (2.0 ** (bits + start % 8 - 24)).to(torch.float32))  # w // 2^r
-    return high - torch.floor(high * 2.0 ** -bits) * float(1 << bits)
 
 
 _ROW_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
