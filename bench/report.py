@@ -266,7 +266,8 @@ def runtime_section(rt: dict) -> list[str]:
     cols = [f"{t} thread{'s' if t != '1' else ''}" for t in threads]
     out = ["", "### Runtime of the default method", "",
            f"`python bench/speed.py --runtime-only` · gptq (what `auto` picks at 8x and 25x) fitted on SmolLM2-135M "
-           f"(calibration none, body fp32 like the stock model it is timed against) and MiniLM · contenders interleaved in one run, medians · torch threads: "
+           f"({rt[threads[0]].get('fit', 'calibration none')}; body fp32 like the stock model it is timed against) and MiniLM "
+           f"· contenders interleaved in one run, medians · torch threads: "
            f"{', '.join(threads)} (2 is torch's default here) · "
            + "; ".join(f"{t} thread(s): {rt[t]['environment'].get('date_utc', '')}" for t in threads) + ".", ""]
 

@@ -347,10 +347,15 @@ def _gen_fn(model, ids: torch.Tensor, new_tokens: int):
     return run
 
 
+FIT = "default calibration, as hf-embcomp compress fits it"
+"""How the runtime section's gptq models are fitted (recorded with every thread count's results)."""
+
+
 def runtime_sections(payload: dict, reps: int, threads: list[int], save: Any = None, new_tokens: int = 32) -> None:
     """Issue 16, at each torch thread count of ``threads`` (the models are fitted once): generation tokens/s (SmolLM2,
-    ``auto``'s default method gptq at 8x and 25x vs stock, greedy, KV cache; the body kept in the stock model's fp32,
-    so that only the embedding differs), tied logits of gptq 8x / 25x vs dense
+    ``auto``'s default method gptq at 8x and 25x vs stock, greedy, KV cache; fitted with the default calibration, as
+    ``hf-embcomp compress`` fits it (its tiers set the runtime's cost); the body kept in the stock model's fp32, so
+    that only the embedding differs), tied logits of gptq 8x / 25x vs dense
     at 1 / 4 / 128 rows, lookups vs nn.Embedding, and the MiniLM forward of gptq 25x (``auto``'s pick at 25x) vs
     stock, eager and compiled (fullgraph). Every table interleaves its contenders in one run. Results go to
     ``payload["runtime"][str(threads)]``; ``save()`` (if given) is called after each thread count."""
@@ -369,17 +374,18 @@ def runtime_sections(payload: dict, reps: int, threads: list[int], save: Any = N
     comps = {}
     for ratio in (8.0, 25.0):
         t0 = time.perf_counter()
-        comps[ratio] = hf_embcomp.compress(stock, "gptq", ratio, calibration=None, body_dtype="float32").eval()
+        comps[ratio] = hf_embcomp.compress(stock, "gptq", ratio, tokenizer=src.tokenizer, body_dtype="float32").eval()
         print(f"gptq {ratio:g}x fit {time.perf_counter() - t0:.0f} s", flush=True)
-    mini = load_model(None).model.eval()
-    mini_comp = hf_embcomp.compress(mini, "gptq", 25.0).eval()
+    mini_src = load_model(None)
+    mini = mini_src.model.eval()
+    mini_comp = hf_embcomp.compress(mini, "gptq", 25.0, tokenizer=mini_src.tokenizer).eval()
     prompt = torch.randint(0, V, (1, 16), generator=g)
     ids = torch.randint(0, V, (32, 128), generator=g)
     batch = {"input_ids": torch.randint(0, mini.config.vocab_size, (8, 128), generator=g)}
     batch["attention_mask"] = torch.ones_like(batch["input_ids"])
     for n_threads in threads:
         torch.set_num_threads(n_threads)
-        out: dict[str, Any] = {"environment": common.environment()}
+        out: dict[str, Any] = {"environment": common.environment(), "fit": FIT}
         fns = {"stock": _gen_fn(stock, prompt, new_tokens)}
         fns.update({f"gptq {r:g}x": _gen_fn(c, prompt, new_tokens) for r, c in comps.items()})
         res = common.interleaved(fns, reps, warmup=1)
