@@ -165,10 +165,10 @@ class GroupQuantEmbedding(CompressedEmbedding):
     most this fraction of d (scalar tiers of at most 2 bits, vector tiers of k >= 4); the others are decoded and
     multiplied (a table read costs more than a multiply-add in a matrix product)."""
     logits_table_bits = 8
-    logits_table_use = 2.0
-    """A tier reads byte tables only where its rows make at least this many table reads per table entry built (a
-    tier of a few rows is decoded: building its tables would cost more than the rows)."""
     """Widest tier read through byte tables (their index cache is bits / 8 of the tier's dense fp32 bytes)."""
+    logits_table_use = 2.0
+    """Above one hidden row, a tier reads byte tables only where its rows make at least this many table reads per
+    table entry built (a tier of a few rows is decoded: building its tables would cost more than the rows)."""
 
     @property
     def tiers(self) -> list[tuple[int, int]]:
