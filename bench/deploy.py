@@ -81,29 +81,27 @@ def auto_class(causal: bool) -> type:
     return transformers.AutoModelForCausalLM if causal else transformers.AutoModel
 
 
-def int8_save(src: Path, out: Path, causal: bool) -> None:
-    """The documented torchao route: load ``src`` with an int8 weight-only ``TorchAoConfig``, save to ``out``."""
-    from torchao.quantization import Int8WeightOnlyConfig
-    from transformers import TorchAoConfig
-
-    q = auto_class(causal).from_pretrained(src, trust_remote_code=True,
-                                           quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
-    q.save_pretrained(out)
-    del q
-
-
 NF4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "bfloat16",
        "bnb_4bit_use_double_quant": True}
 """The 4-bit body's ``BitsAndBytesConfig`` (README, "4-bit bodies")."""
 
+BODIES = {"int8": ("int8", "torchao"), "nf4": ("NF4", "bitsandbytes")}
+"""Quantised bodies (:func:`quantised_save`): name -> (format, library) for the table's labels."""
 
-def nf4_save(src: Path, out: Path, causal: bool) -> None:
-    """The documented 4-bit route: load ``src`` with bitsandbytes' NF4 ``BitsAndBytesConfig`` on the CPU, save to
-    ``out``."""
-    from transformers import BitsAndBytesConfig
 
-    q = auto_class(causal).from_pretrained(src, trust_remote_code=True, device_map="cpu",
-                                           quantization_config=BitsAndBytesConfig(**NF4))
+def quantised_save(src: Path, out: Path, causal: bool, body: str) -> None:
+    """The documented routes (README, "torchao bodies" / "4-bit bodies"): load ``src`` with torchao's int8
+    weight-only ``TorchAoConfig`` (``body="int8"``) or bitsandbytes' NF4 ``BitsAndBytesConfig`` on the CPU
+    (``"nf4"``), save to ``out``."""
+    from transformers import BitsAndBytesConfig, TorchAoConfig
+
+    if body == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        kw: dict[str, Any] = {"quantization_config": TorchAoConfig(Int8WeightOnlyConfig())}
+    else:
+        kw = {"quantization_config": BitsAndBytesConfig(**NF4), "device_map": "cpu"}
+    q = auto_class(causal).from_pretrained(src, trust_remote_code=True, **kw)
     q.save_pretrained(out)
     del q
 
@@ -219,26 +217,21 @@ def run_model(key: str, args: argparse.Namespace, work: Path, add: Callable[[dic
 
         attempt("stock", "stock (fp32 safetensors)", stock)
 
-    # 2. body int8
-    def body_int8() -> dict[str, Any]:
-        out = work / f"{key}-int8"
-        t = time.perf_counter()
-        int8_save(stock_dir, out, causal)
-        return measured({"format": "safetensors", "from": "stock" if not src.gguf_file else "stock-safetensors",
-                         "bytes": safetensors_bytes(out), "build_seconds": round(time.perf_counter() - t, 1)},
-                        measure, reload(out))
+    def quantised(folder: Path | None, out: Path, body: str, extra: dict[str, Any]) -> Callable[[], dict[str, Any]]:
+        """A variant: ``folder`` loaded with the quantised ``body`` and saved to ``out``, then measured."""
+        def build() -> dict[str, Any]:
+            if folder is None:
+                raise RuntimeError("the compressed-embedding folder was not made")
+            t = time.perf_counter()
+            quantised_save(folder, out, causal, body)
+            return measured({"format": "safetensors", **extra, "bytes": safetensors_bytes(out),
+                             "build_seconds": round(time.perf_counter() - t, 1)}, measure, reload(out))
+        return build
 
-    attempt("body-int8", "body int8 (torchao)", body_int8)
-
-    def body_nf4() -> dict[str, Any]:
-        out = work / f"{key}-nf4"
-        t = time.perf_counter()
-        nf4_save(stock_dir, out, causal)
-        return measured({"format": "safetensors", "from": "stock" if not src.gguf_file else "stock-safetensors",
-                         "bytes": safetensors_bytes(out), "build_seconds": round(time.perf_counter() - t, 1)},
-                        measure, reload(out))
-
-    attempt("body-nf4", "body NF4 (bitsandbytes)", body_nf4)
+    # 2. quantised bodies
+    for body, (fmt, lib) in BODIES.items():
+        attempt(f"body-{body}", f"body {fmt} ({lib})", quantised(
+            stock_dir, work / f"{key}-{body}", body, {"from": "stock" if not src.gguf_file else "stock-safetensors"}))
 
     # 3. compressed embedding
     emb_dir = work / f"{key}-{args.method}{args.ratio:g}"
@@ -258,30 +251,12 @@ def run_model(key: str, args: argparse.Namespace, work: Path, add: Callable[[dic
 
     emb_row = attempt("embedding", f"embedding {args.ratio:g}x ({args.method})", embedding)
 
-    # 4. both
-    def both() -> dict[str, Any]:
-        if emb_row is None or emb_row["status"] != "ok":
-            raise RuntimeError("the compressed-embedding folder was not made")
-        out = work / f"{key}-{args.method}{args.ratio:g}-int8"
-        t = time.perf_counter()
-        int8_save(emb_dir, out, causal)
-        return measured({"format": "safetensors", "from": "embedding", "bytes": safetensors_bytes(out),
-                         "build_seconds": round(time.perf_counter() - t, 1), "fit_seconds": emb_row.get("fit_seconds")},
-                        measure, reload(out))
-
-    attempt("both", f"embedding {args.ratio:g}x + body int8", both)
-
-    def both_nf4() -> dict[str, Any]:
-        if emb_row is None or emb_row["status"] != "ok":
-            raise RuntimeError("the compressed-embedding folder was not made")
-        out = work / f"{key}-{args.method}{args.ratio:g}-nf4"
-        t = time.perf_counter()
-        nf4_save(emb_dir, out, causal)
-        return measured({"format": "safetensors", "from": "embedding", "bytes": safetensors_bytes(out),
-                         "build_seconds": round(time.perf_counter() - t, 1), "fit_seconds": emb_row.get("fit_seconds")},
-                        measure, reload(out))
-
-    attempt("both-nf4", f"embedding {args.ratio:g}x + body NF4", both_nf4)
+    # 4. the embedding with each quantised body
+    emb_ok = emb_row is not None and emb_row["status"] == "ok"
+    for body, (fmt, _) in BODIES.items():
+        attempt("both" if body == "int8" else f"both-{body}", f"embedding {args.ratio:g}x + body {fmt}", quantised(
+            emb_dir if emb_ok else None, work / f"{emb_dir.name}-{body}", body,
+            {"from": "embedding", "fit_seconds": (emb_row or {}).get("fit_seconds")}))
     return measure.settings | {"source_load_seconds": load_s}
 
 

@@ -336,9 +336,9 @@ def deploy_section(d: dict, link: str) -> list[str]:
            f"`python bench/deploy.py{' --quick' if d.get('quick') else ''}` · torch {env.get('torch')} · "
            f"{env.get('torch_threads')} torch thread(s) · {env.get('date_utc')} · embedding: `{d['method']}` at "
            f"{d['ratio']:g}x (default calibration and body dtype) · int8 body: {d.get('int8')} (README, \"torchao "
-           f"bodies\") · NF4 body: {d.get('nf4', 'not measured')} (README, \"4-bit bodies\"). Stored MB = the folder's `*.safetensors` files (stock SmolLM2: its GGUF file); every variant is "
-           "saved, then measured after `from_pretrained(dir, trust_remote_code=True)`. Fit s = `compress` with its "
-           "calibration; build s = the quantised load + save."]
+           f"bodies\") · NF4 body: {d.get('nf4', 'not measured')} (README, \"4-bit bodies\"). Stored MB = the "
+           "folder's `*.safetensors` files (stock SmolLM2: its GGUF file); every variant is saved, then measured "
+           "after `from_pretrained(dir, trust_remote_code=True)`. Fit s = `compress` with its calibration; build s = the quantised load + save."]
     if d.get("earlier_environments"):
         dates = [e.get("date_utc") for e in d["earlier_environments"] if e] + [env.get("date_utc")]
         out.append(f"\nRows from {len(dates)} runs (`--resume` keeps the ok rows of the file; started "
