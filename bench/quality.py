@@ -249,7 +249,8 @@ def run_ours(ev: Evaluator, E: torch.Tensor, method: str, ratio: float, model_ke
         row |= {"ratio": rep["compression_ratio"], "stored_bytes": actual, "accounted_bytes": rep["stored_bytes"],
                 "calibration": rep.get("calibration"),
                 "fit_seconds": rep["fit_seconds"], "hyperparameters": rep["hyperparameters"],
-                "overrides": overrides, "token_counts_source": rep.get("token_counts_source"), **rep["fidelity"]}
+                "overrides": overrides, "token_counts_source": rep.get("token_counts_source"),
+                "head_refit": rep.get("head_refit"), **rep["fidelity"]}
         comp.eval()
         row |= ev.score(comp)
         row["status"] = "ok"

@@ -36,6 +36,12 @@ def _f(v: Any, nd: int = 3) -> str:
     return str(v)
 
 
+def _refit_cell(r: dict) -> str:
+    """The head-side refit's seconds and whether it was kept (quality rows), or –."""
+    h = r.get("head_refit")
+    return "–" if not h else f"{_f(h.get('seconds'), 0)} ({'kept' if h.get('kept') else 'undone'})"
+
+
 def md_table(headers: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -197,9 +203,15 @@ def quality_section(q: dict, link: str, source: str = "quality.json", title: str
             det.append([r["method"], r["kind"], _f(r.get("ratio_requested"), 0) if r.get("ratio_requested") else "fixed",
                         f"{r['ratio']:.2f}", _f(r.get("row_cosine_mean"), 4), _f(r.get("row_cosine_p01"), 4),
                         _f(r.get("relative_frobenius_error"), 4), _f(r.get(down), 4 if down != "perplexity" else 2),
-                        _f(r.get("fit_seconds"), 1), _f(r.get("recovery_seconds"), 0), f"{r.get('stored_bytes'):,}"])
+                        _f(r.get("fit_seconds"), 1), _refit_cell(r), _f(r.get("recovery_seconds"), 0),
+                        f"{r.get('stored_bytes'):,}"])
         out.append(md_table(["method", "kind", "requested", "ratio", "row cos", "row cos p01", "rel. Frobenius",
-                             down.replace("_", " "), "fit s", "recovery s", "stored bytes"], det))
+                             down.replace("_", " "), "fit s", "head refit s", "recovery s", "stored bytes"], det))
+        if any(r.get("head_refit") for r in rows):
+            out.append("")
+            out.append("`head refit s`: the head-side refit that `hf-embcomp compress` runs after the fit of a tied "
+                       "causal LM (`hf_embcomp/training/refit.py`; kept or undone by its held-out positions); "
+                       "– where the row predates it or it does not apply.")
         bad = [r for r in rows if r["status"] != "ok"]
         if bad:
             out += ["", "Not measured: " + "; ".join(

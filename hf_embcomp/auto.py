@@ -128,7 +128,7 @@ class Probe:
 
 def compress_auto(model: PreTrainedModel, ratio: float | None, *, compress_one: Callable[..., PreTrainedModel],
                   tokenizer: Any = None, calibration: Any = "default", token_counts: torch.Tensor | None = None,
-                  **kwargs: Any) -> PreTrainedModel:
+                  refit_steps: int = 0, refit_one: Callable[..., bool] | None = None, **kwargs: Any) -> PreTrainedModel:
     """:func:`hf_embcomp.compress` with the best candidate method (module docstring).
 
     Args:
@@ -136,6 +136,9 @@ def compress_auto(model: PreTrainedModel, ratio: float | None, *, compress_one: 
             (hyper-parameter overrides in ``kwargs`` are not accepted: they belong to one method).
         compress_one: compresses with one method, ``compress_one(model, method, ratio, **kwargs)``
             (:func:`hf_embcomp.compress`, which hands ``method="auto"`` here: passed in, not imported).
+        refit_steps, refit_one: the candidates are fitted without the head-side refit; the one kept is then refitted
+            with ``refit_one(model, E, calibration, refit_steps)`` (:func:`hf_embcomp.core.refit_finished`) and
+            scored on the probe again: the refit stays only if the probe says it is better.
 
     Raises:
         ValueError: no ratio, hyper-parameter overrides, or no tokenizer (the probe needs text).
@@ -164,7 +167,7 @@ def compress_auto(model: PreTrainedModel, ratio: float | None, *, compress_one: 
         t = time.perf_counter()
         try:
             cand = compress_one(model, method, ratio, tokenizer=tokenizer, calibration=cal,
-                                token_counts=cal.token_counts, **kwargs, **hp)
+                                token_counts=cal.token_counts, refit_steps=0, **kwargs, **hp)
         except RatioError as e:
             rows.append({"method": method, "hyperparameters": hp, "status": "skipped", "reason": str(e)})
             continue
@@ -184,7 +187,32 @@ def compress_auto(model: PreTrainedModel, ratio: float | None, *, compress_one: 
     others = [r for r in rows if r["status"] == "ok" and r is not best_row]
     why = (f"best {probe.metric} ({best_score:.4g}) of {len(others) + 1} candidates on {probe.ids.numel()} probe "
            "tokens of the calibration text" if others else f"the only candidate for ratio {ratio:g}")
+    refit = _refit_kept(best, model, cal, probe, best_score, refit_steps, refit_one)
     best.compression_report["auto"] = {"chosen": chosen, "why": why, "metric": probe.metric, "candidates": rows,
-                                       "seconds": round(time.perf_counter() - t0, 1)}
+                                       "refit": refit, "seconds": round(time.perf_counter() - t0, 1)}
     refresh_report(best)
     return best
+
+
+def _refit_kept(best: PreTrainedModel, model: PreTrainedModel, cal: Any, probe: Probe, score: float, steps: int,
+                refit_one: Callable[..., bool] | None) -> dict[str, Any] | None:
+    """Refit the kept candidate (``refit_one``) and keep the refit only if the probe improves; returns the probe
+    scores before / after and what was kept (None: the refit left the model as it was; the report's ``head_refit``
+    says why)."""
+    if refit_one is None or steps <= 0:
+        return None
+    emb = best.get_compressed_embedding()
+    snapshot = [(p, p.detach().clone()) for p in emb.parameters()]
+    report = dict(best.compression_report)
+    if not refit_one(best, model.get_input_embeddings().weight.detach(), cal, steps):
+        return None
+    after = probe.score(best)
+    kept = probe.better(after, score)
+    if not kept:  # the fitted tensors back, bit for bit, and the report as it was
+        with torch.no_grad():
+            for p, saved in snapshot:
+                p.copy_(saved)
+        best.compression_report = report | {"head_refit": best.compression_report["head_refit"] | {"kept": False}}
+        logger.warning("auto: the head-side refit did not improve the %s (%.4g -> %.4g): not kept.", probe.metric,
+                       score, after)
+    return {"before": score, "after": after, "kept": kept}

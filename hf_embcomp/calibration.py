@@ -11,6 +11,9 @@ calibration text (never an evaluation text):
 - ``input_column_gain`` float64 [d]: per column j, E[y_j^2] / E[x_j^2] over the first normalisation layer
   after the embedding (x its input, y its output): the factor by which an input-side error of coordinate j is
   seen by the first block (g_j^2 / rms(x)^2 for an RMSNorm / LayerNorm with gain g).
+- ``head_inputs`` float32 [N, d] and ``head_input_ids`` int64 [N]: the hidden states the tied head saw at N
+  calibration positions (at most :data:`HEAD_SAMPLES`) and the token fed at each: what the head-side refit of
+  :mod:`hf_embcomp.training.refit` fits the compressed embedding's real-valued tensors to, after the fit.
 - ``input_sensitivity`` float64 [d, d] (models without an output head: encoders): S = E_t[J_t^T J_t] with J_t the
   Jacobian of the model's sentence embedding (mean-pooled, L2-normalised last hidden state of a window) with
   respect to the token embedding at position t. An input-row error delta at position t moves the sentence
@@ -41,6 +44,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_TOKENS = 16384
 """Tokens the model is run on (the token counts use the whole text)."""
 WINDOW = 512
+HEAD_SAMPLES = 16384
+"""Most head inputs kept (float32 [N, d]: 38 MB for d = 576) for the head-side refit."""
 SENSITIVITY_WINDOW = 128
 """Tokens per window of :func:`input_sensitivity` (sentence-length inputs, special tokens included)."""
 SENSITIVITY_PROBES = 4
@@ -64,6 +69,8 @@ class Calibration:
         text_file: the calibration file (None: the default text).
         input_sensitivity: float64 [d, d] S = E[J^T J] of the pooled output (models without an output head), or
             None.
+        head_inputs: float32 [N, d], the tied head's inputs at N calibration positions (N <= HEAD_SAMPLES), or None.
+        head_input_ids: int64 [N], the token id fed at each of those positions, or None.
     """
 
     token_counts: torch.Tensor | None
@@ -73,6 +80,8 @@ class Calibration:
     source: str = ""
     text_file: str | None = None
     input_sensitivity: torch.Tensor | None = None
+    head_inputs: torch.Tensor | None = None
+    head_input_ids: torch.Tensor | None = None
 
     def importance_matrix(self) -> torch.Tensor | None:
         """llama.cpp's importance matrix of the tied head: float64 [d], diag(Sigma) (None without a head)."""
@@ -97,6 +106,7 @@ class Calibration:
             "head_second_moment": self.head_second_moment is not None,
             "input_column_gain": self.input_column_gain is not None,
             "input_sensitivity": self.input_sensitivity is not None,
+            "head_inputs": 0 if self.head_inputs is None else int(self.head_inputs.shape[0]),
         }
 
 
@@ -158,26 +168,34 @@ def max_positions(model: torch.nn.Module, default: int) -> int:
 
 
 def collect(model: torch.nn.Module, ids: torch.Tensor, window: int = WINDOW, bos_id: int | None = None,
-            quiet: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+            quiet: bool = False, keep_head_inputs: int = HEAD_SAMPLES) -> dict[str, Any]:
     """Run ``model`` over ``ids`` in windows and accumulate Sigma and the first norm's column gain.
 
     Args:
         model: a stock transformers model (eval mode is set for the run and restored).
         ids: int64 [N] token ids.
         window: tokens per forward (``bos_id`` first when given).
+        keep_head_inputs: head inputs kept (the first ones run; 0: none).
 
     Returns:
-        (Sigma float64 [d, d] or None, column gain float64 [d] or None, tokens run).
+        ``{"sigma": float64 [d, d] or None, "gain": float64 [d] or None, "tokens": tokens run, "head_inputs":
+        float32 [n, d] or None, "head_input_ids": int64 [n] or None}`` (None: no tied-shape head / no norm).
     """
     d = model.get_input_embeddings().embedding_dim
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     acc: dict[str, Any] = {"sigma": None, "n": 0, "xin": torch.zeros(d, dtype=torch.float64),
-                           "yout": torch.zeros(d, dtype=torch.float64)}
+                           "yout": torch.zeros(d, dtype=torch.float64), "h": [], "ids": [], "kept": 0, "x": None}
 
     def head_hook(_m, args):
-        h = args[0].detach().reshape(-1, d).double().cpu()
-        acc["sigma"] = h.T @ h if acc["sigma"] is None else acc["sigma"] + h.T @ h
+        h = args[0].detach().reshape(-1, d)
+        hd = h.double().cpu()
+        acc["sigma"] = hd.T @ hd if acc["sigma"] is None else acc["sigma"] + hd.T @ hd
         acc["n"] += h.shape[0]
+        take = min(keep_head_inputs - acc["kept"], h.shape[0])
+        if take > 0 and acc["x"] is not None and acc["x"].numel() == h.shape[0]:
+            acc["h"].append(h[:take].float().cpu())
+            acc["ids"].append(acc["x"][:take].cpu())
+            acc["kept"] += take
 
     def norm_hook(_m, args, out):
         x = args[0].detach().reshape(-1, d).double().cpu()
@@ -202,6 +220,7 @@ def collect(model: torch.nn.Module, ids: torch.Tensor, window: int = WINDOW, bos
             x = ids[i : i + width]
             if bos_id is not None:
                 x = torch.cat([torch.tensor([bos_id]), x])
+            acc["x"] = x
             model(input_ids=x[None].to(device))
             run += int(x.numel())
     finally:
@@ -210,7 +229,9 @@ def collect(model: torch.nn.Module, ids: torch.Tensor, window: int = WINDOW, bos
         model.train(was_training)
     sigma = None if acc["sigma"] is None else acc["sigma"] / max(acc["n"], 1)
     gain = None if norm is None else acc["yout"] / acc["xin"].clamp_min(1e-30)
-    return sigma, gain, run
+    kept = bool(acc["h"])
+    return {"sigma": sigma, "gain": gain, "tokens": run, "head_inputs": torch.cat(acc["h"]) if kept else None,
+            "head_input_ids": torch.cat(acc["ids"]) if kept else None}
 
 
 def error_metric(d: int, calibration: Any = None) -> tuple[torch.Tensor, str]:
@@ -330,17 +351,18 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, text_file: str | Path | No
         counts = token_counts(tokenizer, _chunks(text), V, desc="calibration: counting tokens")
     if int(counts.sum()) == 0:
         raise CalibrationError(f"the calibration text ({desc}) has no tokens of this vocabulary.")
-    sigma = gain = sens = None
-    run = 0
+    stats: dict[str, Any] = {"sigma": None, "gain": None, "tokens": 0, "head_inputs": None, "head_input_ids": None}
+    sens = None
     if max_tokens > 0:
         ids = torch.tensor(tokenizer(text[: max_tokens * 12], add_special_tokens=False, verbose=False)["input_ids"][:max_tokens])
         ids = ids[(ids >= 0) & (ids < V)]
         causal = model.get_output_embeddings() is not None if hasattr(model, "get_output_embeddings") else False
-        sigma, gain, run = collect(model, ids, bos_id=needs_bos(tokenizer) if causal else None, quiet=quiet)
+        stats = collect(model, ids, bos_id=needs_bos(tokenizer) if causal else None, quiet=quiet)
         if not causal:
             sens = input_sensitivity(model, ids, probes=SENSITIVITY_PROBES, special=_special(tokenizer), quiet=quiet)[0]
-    return Calibration(counts, sigma, gain, run, desc + f", {int(counts.sum()):,} tokens counted",
-                       None if text_file is None else str(text_file), sens)
+    return Calibration(counts, stats["sigma"], stats["gain"], stats["tokens"],
+                       desc + f", {int(counts.sum()):,} tokens counted", None if text_file is None else str(text_file),
+                       sens, stats["head_inputs"], stats["head_input_ids"])
 
 
 def resolve_calibration(model: torch.nn.Module, tokenizer: Any, calibration: Any,

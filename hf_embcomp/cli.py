@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from hf_embcomp.training.refit import REFIT_STEPS
+
 logger = logging.getLogger("hf_embcomp")
 
 # Modules that register further sub-commands (each exposes ``register(subparsers)``).
@@ -78,6 +80,16 @@ def methods_help(width: int | None = None) -> str:
 
 class UserError(ValueError):
     """A mistake in the command line or its inputs; printed as one line, exit code 2."""
+
+
+def _nonnegative_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {s!r}")
+    return v
 
 
 def _float_ratio(s: str) -> float:
@@ -199,6 +211,7 @@ def _compress(args: argparse.Namespace) -> int:
                 corpus=args.corpus,
                 calibration=calibration,
                 body_dtype=args.body_dtype,
+                refit_steps=args.refit_steps,
                 **hp,
             ),
         )
@@ -253,6 +266,11 @@ def _compress(args: argparse.Namespace) -> int:
             lines.insert(3 + i, f"    candidate       {c['method']} {c['status']} {json.dumps(score)}")
     if rep.get("calibration"):
         lines.insert(len(lines) - 2, f"  calibration       {rep['calibration']['source']}")
+    if rep.get("head_refit"):
+        r = rep["head_refit"]
+        lines.insert(len(lines) - 2, f"  head refit        {r['steps']} steps, {r['seconds']:.1f}s, held-out objective "
+                     f"{r['heldout_before']:.4g} -> {r['heldout_after']:.4g}: {'kept' if r['kept'] else 'not kept'}"
+                     if r["steps"] else f"  head refit        not needed: held-out KL {r['kl_before']:.3g} nats")
     if "check" in rep:
         from hf_embcomp.evaluation.check import describe
 
@@ -291,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", default=None, metavar="FILE|none",
                    help="UTF-8 text the calibration runs the source model on (token counts, the second moment of the "
                         "tied head's inputs); default: the built-in Wikipedia text past the evaluation slices; none: off")
+    p.add_argument("--refit-steps", type=_nonnegative_int, default=REFIT_STEPS, metavar="N",
+                   help=f"steps of the head-side refit of a causal LM whose head is tied to the embedding (KL of the "
+                        f"next-token distribution on the calibration's hidden states; kept only if held-out "
+                        f"positions say it is better; default {REFIT_STEPS}, 0: off)")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside MODEL (or a path to it)")
     p.add_argument("--revision", default=None, help="Hub revision of MODEL")
     p.add_argument("--device", default=None, help="device of the fit (e.g. cuda); default the model's")

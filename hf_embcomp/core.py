@@ -16,10 +16,11 @@ from transformers import PreTrainedModel
 from .body import model_size_report, resolve_body_dtype
 from .calibration import resolve_calibration
 from .hub_code.configuration_embcomp import FORMAT_VERSION, EmbCompConfig
-from .hub_code.embcomp_base import CompressedEmbedding
+from .hub_code.embcomp_base import CompressedEmbedding, EmbCompTiedLogits
 from .hub_code.modeling_embcomp import ENTRY_AUTO_CLASSES, ENTRY_CLASSES, auto_map_for, stock_class_for
 from .methods import get_method
 from .methods.base import CompressionMethod, MethodConfig
+from .training.refit import MIN_KL, REFIT_STEPS, head_refit
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ def compress(
     corpus: str | None = None,
     calibration: Any = "default",
     body_dtype: str | torch.dtype | None = "auto",
+    refit_steps: int = REFIT_STEPS,
     **hyperparameters: Any,
 ) -> PreTrainedModel:
     """Compress the token embedding of a stock transformers model.
@@ -153,8 +155,9 @@ def compress(
     where hf-embcomp is not installed.
 
     The steps, each a function of this module: :func:`validate` -> :func:`fit` -> :func:`build_skeleton` (on the
-    meta device) -> :func:`load_state` -> :func:`finish` (checks, report, side files); ``method="auto"`` runs
-    them for each candidate (:func:`hf_embcomp.auto.compress_auto`).
+    meta device) -> :func:`load_state` -> :func:`refit` (tied causal LMs) -> :func:`finish` (checks, report, side
+    files); ``method="auto"`` runs them for each candidate but refits only the one it keeps
+    (:func:`hf_embcomp.auto.compress_auto`).
 
     Args:
         model: a stock model whose input embedding is an ``nn.Embedding`` (V x d).
@@ -182,6 +185,8 @@ def compress(
             report and config.
         body_dtype: dtype of every weight but the compressed embedding (:func:`hf_embcomp.body.resolve_body_dtype`):
             ``"auto"`` keeps the source checkpoint's precision class (bfloat16 for a quantised GGUF file).
+        refit_steps: steps of the head-side refit (:mod:`hf_embcomp.training.refit`) for a causal LM whose head is
+            tied to the compressed embedding, with a calibration that saw the head (0: no refit).
         **hyperparameters: overrides passed to the method config (``rank=``, ``dtype=``, ``seed=`` ...).
 
     Returns:
@@ -200,7 +205,8 @@ def compress(
         return compress_auto(model, ratio, compress_one=compress, source=source, source_revision=source_revision,
                              source_dtype=source_dtype, source_embedding_bytes=source_embedding_bytes, device=device,
                              tokenizer=tokenizer, source_folder=source_folder, token_counts=token_counts, corpus=corpus,
-                             calibration=calibration, body_dtype=body_dtype, **hyperparameters)
+                             calibration=calibration, body_dtype=body_dtype, refit_steps=refit_steps,
+                             refit_one=refit_finished, **hyperparameters)
     plan = validate(model, method, ratio, config, hyperparameters, tokenizer=tokenizer, corpus=corpus,
                     source=SourceInfo(source, source_revision, source_dtype, source_embedding_bytes),
                     body_dtype=body_dtype)
@@ -208,6 +214,7 @@ def compress(
                  calibration=calibration)
     new = build_skeleton(model, plan, fitted)
     load_state(new, model, plan, fitted)
+    fitted = dataclasses.replace(fitted, refit=refit(new, plan.weight, fitted.calibration, refit_steps))
     return finish(new, model, plan, fitted, tokenizer=tokenizer, source_folder=source_folder)
 
 
@@ -275,6 +282,8 @@ class FitResult:
     """Where the token frequencies came from (methods with ``uses_token_counts``)."""
     calibration: Any = None
     """The :class:`~hf_embcomp.calibration.Calibration` used (methods with ``uses_calibration``), or None."""
+    refit: dict[str, Any] | None = None
+    """What the head-side refit did (:func:`refit`), or None where it did not run."""
 
 
 def validate(model: PreTrainedModel, method: str, ratio: float | None, config: MethodConfig | None,
@@ -450,6 +459,52 @@ def load_state(new: PreTrainedModel, model: PreTrainedModel, plan: CompressionPl
     new.tie_weights()
 
 
+def refit(new: PreTrainedModel, weight: torch.Tensor, calibration: Any, steps: int = REFIT_STEPS) -> dict[str, Any] | None:
+    """Step 4b: the head-side refit of :mod:`hf_embcomp.training.refit`, in place, where it applies: ``new``'s output
+    head is its compressed embedding (tied, no bias), ``calibration`` kept the head's inputs, the embedding has real-valued
+    tensors, and ``steps`` > 0. Returns the report entry (``compression_report.json`` ``head_refit``), or None.
+
+    Args:
+        new: the compressed model after :func:`load_state`.
+        weight: float [V, d] the uncompressed token embedding.
+        calibration: the :class:`~hf_embcomp.calibration.Calibration` of the fit, or None.
+    """
+    emb = new.get_compressed_embedding()
+    head = new.get_output_embeddings() if hasattr(new, "get_output_embeddings") else None
+    hidden = getattr(calibration, "head_inputs", None)
+    if (steps <= 0 or hidden is None or not isinstance(head, EmbCompTiedLogits) or head._embcomp_source is not emb
+            or head.bias is not None or hidden.shape[1] != emb.embedding_dim or not any(p.is_floating_point() for p in emb.parameters())):
+        return None
+    logger.info("head-side refit: %d steps on %d calibration positions", steps, hidden.shape[0])
+    result = head_refit(emb, weight, hidden, calibration.head_input_ids, steps=steps, seed=0)
+    if not result.steps:
+        logger.info("head-side refit skipped: held-out KL %.4g nats is below %g", result.kl_before, MIN_KL)
+    elif not result.kept:
+        logger.warning("the head-side refit did not lower its held-out objective (%.4g -> %.4g): the fitted tensors "
+                       "are kept.", result.heldout_before, result.heldout_after)
+    return result.as_dict()
+
+
+def refit_finished(new: PreTrainedModel, weight: torch.Tensor, calibration: Any, steps: int = REFIT_STEPS) -> bool:
+    """:func:`refit` on a model that :func:`finish` already reported on (``method="auto"`` refits only the candidate
+    it keeps): adds ``head_refit`` to its report and measures the fidelity again. As in :func:`compress`, only a
+    method that uses the calibration (its report has ``calibration``) is refitted. Returns True if the refit changed
+    the model (it ran and was kept)."""
+    if not new.compression_report.get("calibration"):
+        return False
+    entry = refit(new, weight, calibration, steps)
+    if entry is None:
+        return False
+    from .io import refresh_report
+
+    if entry["kept"]:
+        with torch.no_grad():
+            new.compression_report["fidelity"] = fidelity(weight, new.get_compressed_embedding().reconstruct().float().cpu())
+    new.compression_report["head_refit"] = entry
+    refresh_report(new)
+    return bool(entry["kept"])
+
+
 def finish(new: PreTrainedModel, model: PreTrainedModel, plan: CompressionPlan, fitted: FitResult, *,
            tokenizer: Any = None, source_folder: str | None = None) -> PreTrainedModel:
     """Step 5: check the stored bytes against the method's account, measure the fidelity, write the report
@@ -486,6 +541,8 @@ def finish(new: PreTrainedModel, model: PreTrainedModel, plan: CompressionPlan, 
         "fit_seconds": round(fitted.seconds, 3),
         "fidelity": fid,
     } | model_size_report(model, new)
+    if fitted.refit is not None:
+        report["head_refit"] = fitted.refit
     if spec.uses_token_counts:
         report["token_counts_source"] = fitted.counts_source
     if spec.uses_calibration:

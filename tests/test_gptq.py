@@ -39,7 +39,8 @@ class WordTokenizer:
 def test_collect_matches_a_hand_computed_second_moment_and_gain():
     m = tiny_model("llama")
     ids = torch.randint(0, 1000, (40,), generator=torch.Generator().manual_seed(0))
-    sigma, gain, run = collect(m, ids, window=16, quiet=True)
+    got = collect(m, ids, window=16, quiet=True, keep_head_inputs=20)
+    sigma, gain, run = got["sigma"], got["gain"], got["tokens"]
     assert run == 40
     hs, xs, ys = [], [], []
     with torch.no_grad():
@@ -51,6 +52,10 @@ def test_collect_matches_a_hand_computed_second_moment_and_gain():
             ys.append(m.model.layers[0].input_layernorm(e.float()).double())
     h = torch.cat(hs)
     assert torch.allclose(sigma, h.T @ h / h.shape[0], rtol=1e-5, atol=1e-8)
+    # the first 20 head inputs are kept as they were seen, with the token fed at each position
+    assert got["head_inputs"].dtype == torch.float32 and got["head_inputs"].shape == (20, h.shape[1])
+    assert torch.allclose(got["head_inputs"].double(), h[:20], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got["head_input_ids"], ids[:20])
     x, y = torch.cat(xs), torch.cat(ys)
     assert torch.allclose(gain, (y * y).sum(0) / (x * x).sum(0), rtol=1e-5)
     cal = Calibration(None, sigma, gain)
@@ -92,7 +97,7 @@ def test_calibration_windows_fit_the_model_positions():
     assert max_positions(tiny_model("roberta"), 512) == 64  # 66 positions, offset 2
     m = tiny_model("roberta").roberta
     ids = torch.randint(5, 1000, (150,), generator=torch.Generator().manual_seed(0))
-    assert collect(m, ids, window=512, quiet=True)[2] == 150
+    assert collect(m, ids, window=512, quiet=True)["tokens"] == 150
     assert input_sensitivity(m, ids, window=512, probes=2, special=([0], [2]), quiet=True)[1] == 150 + 2 * 3
 
 
