@@ -137,8 +137,8 @@ def compress_auto(model: PreTrainedModel, ratio: float | None, *, compress_one: 
         compress_one: compresses with one method, ``compress_one(model, method, ratio, **kwargs)``
             (:func:`hf_embcomp.compress`, which hands ``method="auto"`` here: passed in, not imported).
         refit_steps, refit_one: the candidates are fitted without the head-side refit; the one kept is then refitted
-            with ``refit_one(model, E, calibration, refit_steps)`` (:func:`hf_embcomp.core.refit_finished`) and
-            scored on the probe again: the refit stays only if the probe says it is better.
+            with ``refit_one(model, E, calibration, refit_steps, judge=...)`` (:func:`hf_embcomp.core.refit_finished`),
+            judged by the probe: the refit stays only if it lowers the probe perplexity.
 
     Raises:
         ValueError: no ratio, hyper-parameter overrides, or no tokenizer (the probe needs text).
@@ -187,32 +187,22 @@ def compress_auto(model: PreTrainedModel, ratio: float | None, *, compress_one: 
     others = [r for r in rows if r["status"] == "ok" and r is not best_row]
     why = (f"best {probe.metric} ({best_score:.4g}) of {len(others) + 1} candidates on {probe.ids.numel()} probe "
            "tokens of the calibration text" if others else f"the only candidate for ratio {ratio:g}")
-    refit = _refit_kept(best, model, cal, probe, best_score, refit_steps, refit_one)
+    refit = _refit_kept(best, model, cal, probe, refit_steps, refit_one)
     best.compression_report["auto"] = {"chosen": chosen, "why": why, "metric": probe.metric, "candidates": rows,
                                        "refit": refit, "seconds": round(time.perf_counter() - t0, 1)}
     refresh_report(best)
     return best
 
 
-def _refit_kept(best: PreTrainedModel, model: PreTrainedModel, cal: Any, probe: Probe, score: float, steps: int,
+def _refit_kept(best: PreTrainedModel, model: PreTrainedModel, cal: Any, probe: Probe, steps: int,
                 refit_one: Callable[..., bool] | None) -> dict[str, Any] | None:
-    """Refit the kept candidate (``refit_one``) and keep the refit only if the probe improves; returns the probe
-    scores before / after and what was kept (None: the refit left the model as it was; the report's ``head_refit``
-    says why)."""
-    if refit_one is None or steps <= 0:
+    """Refit the kept candidate (``refit_one``), judged by the probe (kept only if it lowers the probe score); returns
+    the probe scores before / after and whether the refit was kept (None: the refit did not run; the report's
+    ``head_refit`` says why where it applies)."""
+    if refit_one is None or steps <= 0 or not probe.causal:  # the refit is for tied heads: perplexity, lower wins
         return None
-    emb = best.get_compressed_embedding()
-    snapshot = [(p, p.detach().clone()) for p in emb.parameters()]
-    report = dict(best.compression_report)
-    if not refit_one(best, model.get_input_embeddings().weight.detach(), cal, steps):
+    refit_one(best, model.get_input_embeddings().weight.detach(), cal, steps, judge=lambda: probe.score(best))
+    entry = best.compression_report.get("head_refit")
+    if not entry or not entry["steps"]:
         return None
-    after = probe.score(best)
-    kept = probe.better(after, score)
-    if not kept:  # the fitted tensors back, bit for bit, and the report as it was
-        with torch.no_grad():
-            for p, saved in snapshot:
-                p.copy_(saved)
-        best.compression_report = report | {"head_refit": best.compression_report["head_refit"] | {"kept": False}}
-        logger.warning("auto: the head-side refit did not improve the %s (%.4g -> %.4g): not kept.", probe.metric,
-                       score, after)
-    return {"before": score, "after": after, "kept": kept}
+    return {"before": entry["judge_before"], "after": entry["judge_after"], "kept": entry["kept"]}

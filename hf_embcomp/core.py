@@ -214,7 +214,8 @@ def compress(
                  calibration=calibration)
     new = build_skeleton(model, plan, fitted)
     load_state(new, model, plan, fitted)
-    fitted = dataclasses.replace(fitted, refit=refit(new, plan.weight, fitted.calibration, refit_steps))
+    judge = probe_judge(new, model, tokenizer, fitted.calibration) if refit_steps > 0 else None
+    fitted = dataclasses.replace(fitted, refit=refit(new, plan.weight, fitted.calibration, refit_steps, judge))
     return finish(new, model, plan, fitted, tokenizer=tokenizer, source_folder=source_folder)
 
 
@@ -459,7 +460,19 @@ def load_state(new: PreTrainedModel, model: PreTrainedModel, plan: CompressionPl
     new.tie_weights()
 
 
-def refit(new: PreTrainedModel, weight: torch.Tensor, calibration: Any, steps: int = REFIT_STEPS) -> dict[str, Any] | None:
+def probe_judge(new: PreTrainedModel, model: PreTrainedModel, tokenizer: Any, calibration: Any) -> Any:
+    """A :func:`refit` judge: ``new``'s perplexity on the probe text of ``auto`` (the calibration text past the tokens
+    calibration ran the model on; :class:`hf_embcomp.auto.Probe`), or None without a tokenizer or a calibration."""
+    if tokenizer is None or calibration is None or getattr(calibration, "head_inputs", None) is None:
+        return None
+    from .auto import Probe
+
+    probe = Probe(model, tokenizer, calibration)
+    return lambda: probe.score(new)
+
+
+def refit(new: PreTrainedModel, weight: torch.Tensor, calibration: Any, steps: int = REFIT_STEPS,
+          judge: Any = None) -> dict[str, Any] | None:
     """Step 4b: the head-side refit of :mod:`hf_embcomp.training.refit`, in place, where it applies: ``new``'s output
     head is its compressed embedding (tied, no bias), ``calibration`` kept the head's inputs, the embedding has real-valued
     tensors, and ``steps`` > 0. Returns the report entry (``compression_report.json`` ``head_refit``), or None.
@@ -468,6 +481,8 @@ def refit(new: PreTrainedModel, weight: torch.Tensor, calibration: Any, steps: i
         new: the compressed model after :func:`load_state`.
         weight: float [V, d] the uncompressed token embedding.
         calibration: the :class:`~hf_embcomp.calibration.Calibration` of the fit, or None.
+        judge: decides whether the refit is kept (:func:`probe_judge`; lower is better); None: the refit's held-out
+            calibration positions decide.
     """
     emb = new.get_compressed_embedding()
     head = new.get_output_embeddings() if hasattr(new, "get_output_embeddings") else None
@@ -476,23 +491,25 @@ def refit(new: PreTrainedModel, weight: torch.Tensor, calibration: Any, steps: i
             or head.bias is not None or hidden.shape[1] != emb.embedding_dim or not any(p.is_floating_point() for p in emb.parameters())):
         return None
     logger.info("head-side refit: %d steps on %d calibration positions", steps, hidden.shape[0])
-    result = head_refit(emb, weight, hidden, calibration.head_input_ids, steps=steps, seed=0)
+    result = head_refit(emb, weight, hidden, calibration.head_input_ids, steps=steps, seed=0, judge=judge)
     if not result.steps:
         logger.info("head-side refit skipped: held-out KL %.4g nats is below %g", result.kl_before, MIN_KL)
     elif not result.kept:
-        logger.warning("the head-side refit did not lower its held-out objective (%.4g -> %.4g): the fitted tensors "
-                       "are kept.", result.heldout_before, result.heldout_after)
+        what = (f"probe perplexity {result.judge_before:.4g} -> {result.judge_after:.4g}" if judge is not None else
+                f"held-out objective {result.heldout_before:.4g} -> {result.heldout_after:.4g}")
+        logger.warning("the head-side refit did not make the model better (%s): undone.", what)
     return result.as_dict()
 
 
-def refit_finished(new: PreTrainedModel, weight: torch.Tensor, calibration: Any, steps: int = REFIT_STEPS) -> bool:
+def refit_finished(new: PreTrainedModel, weight: torch.Tensor, calibration: Any, steps: int = REFIT_STEPS,
+                   judge: Any = None) -> bool:
     """:func:`refit` on a model that :func:`finish` already reported on (``method="auto"`` refits only the candidate
     it keeps): adds ``head_refit`` to its report and measures the fidelity again. As in :func:`compress`, only a
     method that uses the calibration (its report has ``calibration``) is refitted. Returns True if the refit changed
     the model (it ran and was kept)."""
     if not new.compression_report.get("calibration"):
         return False
-    entry = refit(new, weight, calibration, steps)
+    entry = refit(new, weight, calibration, steps, judge)
     if entry is None:
         return False
     from .io import refresh_report

@@ -110,15 +110,27 @@ def test_auto_refits_the_kept_candidate_and_undoes_it_when_the_probe_disagrees(m
     monkeypatch.setattr(auto, "candidates", lambda ratio: [("gptq", {})])
     m = _sharp(tiny_model("llama"))
     plain = hf_embcomp.compress(m, "gptq", 12, tokenizer=WordTokenizer(), calibration=str(text), refit_steps=0)
-    if not probe_says_better:  # one candidate: better() is asked only about the refit
-        monkeypatch.setattr(auto.Probe, "better", lambda self, a, b: False)
+    if not probe_says_better:  # one candidate: the probe scores it, then judges the refit (before, after)
+        score, calls = auto.Probe.score, []
+
+        def worse_after_refit(self, model):
+            calls.append(1)
+            return float("inf") if len(calls) == 3 else score(self, model)
+
+        monkeypatch.setattr(auto.Probe, "score", worse_after_refit)
     comp = hf_embcomp.compress(m, "auto", 12, tokenizer=WordTokenizer(), calibration=str(text), refit_steps=40)
     rep = comp.compression_report
     refit = rep["auto"]["refit"]
     assert refit["kept"] == probe_says_better and rep["head_refit"]["steps"] == 40
-    assert refit["before"] == rep["auto"]["candidates"][0]["probe_perplexity"]
+    assert refit["before"] == pytest.approx(rep["auto"]["candidates"][0]["probe_perplexity"], rel=1e-6)
+    assert (refit["after"] < refit["before"]) == probe_says_better
     sp, sc = plain.get_compressed_embedding().state_dict(), comp.get_compressed_embedding().state_dict()
     same = all(torch.equal(sp[k], sc[k]) for k in sp)
     assert same != probe_says_better  # undone bit for bit, or refitted
     if not probe_says_better:
         assert rep["head_refit"]["kept"] is False and rep["fidelity"] == plain.compression_report["fidelity"]
+    else:  # compress with the method named refits the same way, judged by the same probe perplexity
+        direct = hf_embcomp.compress(m, "gptq", 12, tokenizer=WordTokenizer(), calibration=str(text), refit_steps=40)
+        assert direct.compression_report["head_refit"]["judge_after"] == pytest.approx(refit["after"], rel=1e-6)
+        sd = direct.get_compressed_embedding().state_dict()
+        assert all(torch.equal(sd[k], sc[k]) for k in sd)
