@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from hf_embcomp.training.refit import REFIT_STEPS
+from hf_embcomp.training.refit import DEFAULT_COMPRESS_STEPS, REFIT_STEPS
 
 logger = logging.getLogger("hf_embcomp")
 
@@ -309,10 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", default=None, metavar="FILE|none",
                    help="UTF-8 text the calibration runs the source model on (token counts, the second moment of the "
                         "tied head's inputs); default: the built-in Wikipedia text past the evaluation slices; none: off")
-    p.add_argument("--refit-steps", type=_nonnegative_int, default=REFIT_STEPS, metavar="N",
+    p.add_argument("--refit-steps", type=_nonnegative_int, default=DEFAULT_COMPRESS_STEPS, metavar="N",
                    help=f"steps of the head-side refit of a causal LM whose head is tied to the embedding (KL of the "
-                        f"next-token distribution on the calibration's hidden states; kept only if held-out "
-                        f"positions say it is better; default {REFIT_STEPS}, 0: off)")
+                        f"next-token distribution on the calibration's hidden states; kept only if the probe "
+                        f"perplexity says it is better; default {DEFAULT_COMPRESS_STEPS}: off; {REFIT_STEPS} turns it on)")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside MODEL (or a path to it)")
     p.add_argument("--revision", default=None, help="Hub revision of MODEL")
     p.add_argument("--device", default=None, help="device of the fit (e.g. cuda); default the model's")
