@@ -144,7 +144,7 @@ def compress_auto(model: PreTrainedModel, ratio: float | None, *, compress_one: 
         ValueError: no ratio, hyper-parameter overrides, or no tokenizer (the probe needs text).
         RatioError: no candidate reaches the ratio.
     """
-    from .calibration import resolve_calibration
+    from .calibration import HEAD_SAMPLES, resolve_calibration
     from .io import refresh_report
     from .methods.base import RatioError, check_ratio
 
@@ -157,7 +157,8 @@ def compress_auto(model: PreTrainedModel, ratio: float | None, *, compress_one: 
         raise ValueError("method auto scores candidates on text: pass tokenizer= (or choose a --method).")
     ratio = check_ratio(ratio)
     t0 = time.perf_counter()
-    cal = resolve_calibration(model, tokenizer, calibration, token_counts)
+    cal = resolve_calibration(model, tokenizer, calibration, token_counts,
+                              head_inputs=HEAD_SAMPLES if refit_steps > 0 and refit_one is not None else 0)
     if cal is None:
         raise ValueError("method auto needs a calibration text to probe on; install hf-embcomp[eval] or pass "
                          "--calibration FILE (or choose a --method).")

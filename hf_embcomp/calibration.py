@@ -12,7 +12,7 @@ calibration text (never an evaluation text):
   after the embedding (x its input, y its output): the factor by which an input-side error of coordinate j is
   seen by the first block (g_j^2 / rms(x)^2 for an RMSNorm / LayerNorm with gain g).
 - ``head_inputs`` float32 [N, d] and ``head_input_ids`` int64 [N]: the hidden states the tied head saw at N
-  calibration positions (at most :data:`HEAD_SAMPLES`) and the token fed at each: what the head-side refit of
+  calibration positions (at most :data:`HEAD_SAMPLES`; only when the refit will run) and the token fed at each: what the head-side refit of
   :mod:`hf_embcomp.training.refit` fits the compressed embedding's real-valued tensors to, after the fit.
 - ``input_sensitivity`` float64 [d, d] (models without an output head: encoders): S = E_t[J_t^T J_t] with J_t the
   Jacobian of the model's sentence embedding (mean-pooled, L2-normalised last hidden state of a window) with
@@ -168,14 +168,15 @@ def max_positions(model: torch.nn.Module, default: int) -> int:
 
 
 def collect(model: torch.nn.Module, ids: torch.Tensor, window: int = WINDOW, bos_id: int | None = None,
-            quiet: bool = False, keep_head_inputs: int = HEAD_SAMPLES) -> dict[str, Any]:
+            quiet: bool = False, keep_head_inputs: int = 0) -> dict[str, Any]:
     """Run ``model`` over ``ids`` in windows and accumulate Sigma and the first norm's column gain.
 
     Args:
         model: a stock transformers model (eval mode is set for the run and restored).
         ids: int64 [N] token ids.
         window: tokens per forward (``bos_id`` first when given).
-        keep_head_inputs: head inputs kept (the first ones run; 0: none).
+        keep_head_inputs: head inputs kept (the first ones run; 0: none, the default: only the head-side refit
+            reads them).
 
     Returns:
         ``{"sigma": float64 [d, d] or None, "gain": float64 [d] or None, "tokens": tokens run, "head_inputs":
@@ -330,7 +331,7 @@ def input_sensitivity(model: torch.nn.Module, ids: torch.Tensor, window: int = S
 
 
 def calibrate(model: torch.nn.Module, tokenizer: Any, text_file: str | Path | None = None,
-              max_tokens: int = DEFAULT_TOKENS, quiet: bool = False) -> Calibration:
+              max_tokens: int = DEFAULT_TOKENS, quiet: bool = False, head_inputs: int = 0) -> Calibration:
     """Token counts of the calibration text and the model's statistics on its first ``max_tokens`` tokens.
 
     Args:
@@ -339,6 +340,7 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, text_file: str | Path | No
         text_file: UTF-8 text file, or None for the default text (module docstring).
         max_tokens: tokens the model is run on (0: token counts only).
         quiet: no progress bars (they also follow :mod:`hf_embcomp.progress`).
+        head_inputs: head inputs to keep for the head-side refit (0: none; :data:`HEAD_SAMPLES` when it runs).
 
     Raises:
         CalibrationError: see :func:`calibration_text`.
@@ -357,7 +359,8 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, text_file: str | Path | No
         ids = torch.tensor(tokenizer(text[: max_tokens * 12], add_special_tokens=False, verbose=False)["input_ids"][:max_tokens])
         ids = ids[(ids >= 0) & (ids < V)]
         causal = model.get_output_embeddings() is not None if hasattr(model, "get_output_embeddings") else False
-        stats = collect(model, ids, bos_id=needs_bos(tokenizer) if causal else None, quiet=quiet)
+        stats = collect(model, ids, bos_id=needs_bos(tokenizer) if causal else None, quiet=quiet,
+                        keep_head_inputs=head_inputs)
         if not causal:
             sens = input_sensitivity(model, ids, probes=SENSITIVITY_PROBES, special=_special(tokenizer), quiet=quiet)[0]
     return Calibration(counts, stats["sigma"], stats["gain"], stats["tokens"],
@@ -366,7 +369,7 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, text_file: str | Path | No
 
 
 def resolve_calibration(model: torch.nn.Module, tokenizer: Any, calibration: Any,
-                        token_counts: torch.Tensor | None = None) -> Calibration | None:
+                        token_counts: torch.Tensor | None = None, head_inputs: int = 0) -> Calibration | None:
     """The :class:`Calibration` that ``calibration=`` of :func:`hf_embcomp.compress` asks for.
 
     Returns None for ``calibration=None`` and for ``"default"`` without a tokenizer or without the default
@@ -387,7 +390,7 @@ def resolve_calibration(model: torch.nn.Module, tokenizer: Any, calibration: Any
             cal = None
         else:
             try:
-                cal = calibrate(model, tokenizer, None if default else calibration)
+                cal = calibrate(model, tokenizer, None if default else calibration, head_inputs=head_inputs)
             except CalibrationError:
                 if not default:
                     raise

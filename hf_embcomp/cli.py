@@ -268,8 +268,10 @@ def _compress(args: argparse.Namespace) -> int:
         lines.insert(len(lines) - 2, f"  calibration       {rep['calibration']['source']}")
     if rep.get("head_refit"):
         r = rep["head_refit"]
-        lines.insert(len(lines) - 2, f"  head refit        {r['steps']} steps, {r['seconds']:.1f}s, held-out objective "
-                     f"{r['heldout_before']:.4g} -> {r['heldout_after']:.4g}: {'kept' if r['kept'] else 'not kept'}"
+        judged = (f"probe perplexity {r['judge_before']:.4g} -> {r['judge_after']:.4g}" if r.get("judge_before") is not None
+                  else f"held-out objective {r['heldout_before']:.4g} -> {r['heldout_after']:.4g}")
+        lines.insert(len(lines) - 2, f"  head refit        {r['steps']} steps, {r['seconds']:.1f}s, {judged}: "
+                     f"{'kept' if r['kept'] else 'undone'}"
                      if r["steps"] else f"  head refit        not needed: held-out KL {r['kl_before']:.3g} nats")
     if "check" in rep:
         from hf_embcomp.evaluation.check import describe

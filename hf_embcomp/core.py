@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .body import model_size_report, resolve_body_dtype
-from .calibration import resolve_calibration
+from .calibration import HEAD_SAMPLES, resolve_calibration
 from .hub_code.configuration_embcomp import FORMAT_VERSION, EmbCompConfig
 from .hub_code.embcomp_base import CompressedEmbedding, EmbCompTiedLogits
 from .hub_code.modeling_embcomp import ENTRY_AUTO_CLASSES, ENTRY_CLASSES, auto_map_for, stock_class_for
@@ -212,7 +212,7 @@ def compress(
                     source=SourceInfo(source, source_revision, source_dtype, source_embedding_bytes),
                     body_dtype=body_dtype)
     fitted = fit(model, plan, device=device, tokenizer=tokenizer, token_counts=token_counts, corpus=corpus,
-                 calibration=calibration)
+                 calibration=calibration, head_inputs=HEAD_SAMPLES if refit_steps > 0 else 0)
     new = build_skeleton(model, plan, fitted)
     load_state(new, model, plan, fitted)
     judge = probe_judge(new, model, tokenizer, fitted.calibration) if refit_steps > 0 else None
@@ -320,7 +320,7 @@ def validate(model: PreTrainedModel, method: str, ratio: float | None, config: M
 
 def fit(model: PreTrainedModel, plan: CompressionPlan, *, device: str | torch.device | None = None,
         tokenizer: Any = None, token_counts: torch.Tensor | None = None, corpus: str | None = None,
-        calibration: Any = "default") -> FitResult:
+        calibration: Any = "default", head_inputs: int = 0) -> FitResult:
     """Step 2: gather what the method needs (token frequencies, calibration statistics) and fit it on E.
 
     Seeds torch with the config's ``seed`` first, so that the same arguments give the same tensors.
@@ -329,6 +329,7 @@ def fit(model: PreTrainedModel, plan: CompressionPlan, *, device: str | torch.de
         model: the source model (run on the calibration text by calibrated methods).
         plan: from :func:`validate`.
         device, tokenizer, token_counts, corpus, calibration: as for :func:`compress`.
+        head_inputs: head inputs a calibration run here keeps for :func:`refit` (0: none).
 
     Raises:
         ValueError: ``token_counts`` of the wrong shape.
@@ -357,7 +358,7 @@ def fit(model: PreTrainedModel, plan: CompressionPlan, *, device: str | torch.de
         context = {"token_counts": token_counts, "special_ids": special}
     cal = None
     if spec.uses_calibration:
-        cal = resolve_calibration(model, tokenizer, calibration, token_counts)
+        cal = resolve_calibration(model, tokenizer, calibration, token_counts, head_inputs=head_inputs)
         context["calibration"] = cal
     state, cfg = spec.fit_with_config(plan.weight.to(fit_device), cfg, **context)
     return FitResult(state, cfg, time.perf_counter() - t0, counts_source, cal)

@@ -15,7 +15,7 @@ from hf_embcomp.training.refit import _objective, head_refit
 
 def _calibration(m) -> Calibration:
     ids = torch.randint(0, 1000, (3000,), generator=torch.Generator().manual_seed(1))
-    st = collect(m, ids, window=60, quiet=True)
+    st = collect(m, ids, window=60, quiet=True, keep_head_inputs=3000)
     return Calibration(torch.bincount(ids, minlength=1000), st["sigma"], st["gain"], st["tokens"], "test", None, None,
                        st["head_inputs"], st["head_input_ids"])
 

@@ -46,6 +46,7 @@ from torch import nn
 from ..auto import Probe
 from .distill import distill, steps_run
 from .parts import compressed_embedding, trainable_parts
+from .refit import relative_lr_groups
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +93,7 @@ def lora_targets(model: nn.Module) -> list[str]:
 def embedding_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
     """AdamW groups for the compressed embedding's trainable tensors: one per tensor, learning rate
     ``lr * RMS(tensor)`` (a relative step size; a zero tensor gets ``lr``)."""
-    groups = []
-    for p in compressed_embedding(model).parameters():
-        if p.requires_grad:
-            rms = float(p.detach().float().pow(2).mean().sqrt())
-            groups.append({"params": [p], "lr": lr * (rms if rms > 0 else 1.0)})
-    return groups
+    return relative_lr_groups([p for p in compressed_embedding(model).parameters() if p.requires_grad], lr)
 
 
 def _wrap_lora(model: nn.Module, rank: int, seed: int) -> nn.Module:

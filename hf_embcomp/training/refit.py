@@ -94,6 +94,16 @@ class RefitResult:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
 
 
+def relative_lr_groups(params: list[torch.nn.Parameter], lr: float) -> list[dict[str, Any]]:
+    """AdamW groups, one per tensor, with learning rate ``lr * RMS(tensor)`` (a relative step size: a group scale of
+    0.01 and one of 1 both move ~lr of their size per step; a zero tensor gets ``lr``). Shared with recovery."""
+    groups = []
+    for p in params:
+        rms = float(p.detach().float().pow(2).mean().sqrt())
+        groups.append({"params": [p], "lr": lr * (rms if rms > 0 else 1.0)})
+    return groups
+
+
 def _trainable(embedding: nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in embedding.parameters() if p.is_floating_point()]
 
@@ -212,12 +222,9 @@ def _train(embedding: nn.Module, params: list[torch.nn.Parameter], W: torch.Tens
     """The AdamW loop of :func:`head_refit` on float32 ``params``, which end rounded through the storage dtype."""
     import torch
 
-    groups = []
     for p in params:
         p.requires_grad_(True)
-        rms = float(p.detach().pow(2).mean().sqrt())
-        groups.append({"params": [p], "lr": lr * (rms if rms > 0 else 1.0)})
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    opt = torch.optim.AdamW(relative_lr_groups(params, lr), weight_decay=0.0)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, 1 - s / steps))
     gen = torch.Generator().manual_seed(seed)
