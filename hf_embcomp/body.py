@@ -1,14 +1,15 @@
-"""The dtype of the uncompressed body (every weight but the token embedding) and whole-model byte counts.
+"""The form of the uncompressed body (every weight but the token embedding) and whole-model byte counts.
 
 By default the body keeps the *precision class* of the source checkpoint, so that the body is never stored wider
-than its source's: a float32 safetensors checkpoint stays float32, a bfloat16 one bfloat16, and a GGUF
-file - which transformers dequantises to float32 on load - becomes bfloat16 when its weight matrices are quantised
-or bfloat16 (float16 when they are float16, float32 only when they are float32). ``--body-dtype`` (the
-``body_dtype=`` argument of :func:`hf_embcomp.compress`) overrides the choice.
+than its source's: a float32 safetensors checkpoint stays float32, a bfloat16 one bfloat16. A GGUF file - which
+transformers dequantises to float32 on load - keeps its own quantised blocks when every weight matrix of its body
+is Q4_0, Q4_1 or Q8_0 (``"gguf"``: the matrices are stored as the file's blocks, the model computes in float32 and
+equals the float32 model transformers loads from the file bit for bit; runtime ``embcomp_body.py``); other GGUF
+files (K-quants, I-quants) become bfloat16 (float16 when their matrices are float16, float32 only when float32).
+``--body-dtype`` (the ``body_dtype=`` argument of :func:`hf_embcomp.compress`) overrides the choice.
 
-A 16-bit body is still bigger than a 4-bit GGUF body (SmolLM2-135M Q4_1: 98 MB file, 217 MB compressed with a
-bfloat16 body, 433 MB with the float32 one): only a quantised body (torchao, README "torchao bodies") makes such
-a model smaller than its source. :func:`model_size_report` logs a warning when the whole model grows.
+SmolLM2-135M-Instruct Q4_1 (98 MB file): its body kept as Q4_1 blocks stores 66 MB, bfloat16 212 MB, float32 424 MB.
+:func:`model_size_report` logs a warning when the whole model grows.
 
 The compressed embedding's own tensors are always written in its storage dtype (``embedding_compression
 .storage_dtype``), whatever the body dtype.
@@ -27,8 +28,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-BODY_DTYPES = ("auto", "float32", "bfloat16", "float16")
-"""Accepted ``body_dtype`` values (``--body-dtype``)."""
+BODY_DTYPES = ("auto", "gguf", "float32", "bfloat16", "float16")
+"""Accepted ``body_dtype`` values (``--body-dtype``); ``"gguf"``: weight matrices kept as the GGUF file's blocks."""
+
+KEPT_GGML_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+"""GGUF block types a body keeps as they are (:mod:`hf_embcomp.hub_code.embcomp_body`)."""
 
 _GGUF_FLOAT = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -38,7 +42,8 @@ def gguf_body_info(path: str | Path | GGUFReader) -> tuple[str, int]:
 
     The class is that of the matrices other than ``token_embd.weight`` (1-D tensors such as norms are float32
     in every GGUF file and are ignored): ``"float32"`` if they are all F32, ``"float16"`` if the widest is F16,
-    else ``"bfloat16"`` (quantised types such as Q4_1 and Q8_0, and BF16).
+    ``"gguf"`` if they are all of :data:`KEPT_GGML_TYPES` (kept as blocks), else ``"bfloat16"`` (other quantised
+    types such as Q4_K, and BF16).
 
     Args:
         path: the GGUF file, or the file already opened as a ``gguf.GGUFReader`` (opening one parses all the
@@ -57,6 +62,8 @@ def gguf_body_info(path: str | Path | GGUFReader) -> tuple[str, int]:
         return "float32", total
     if kinds and kinds <= {"F32", "F16"}:
         return "float16", total
+    if kinds and kinds <= set(KEPT_GGML_TYPES):
+        return "gguf", total
     return "bfloat16", total
 
 
@@ -75,31 +82,98 @@ def state_dict_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def resolve_body_dtype(model: torch.nn.Module, body_dtype: str | torch.dtype | None = "auto") -> torch.dtype:
-    """The dtype a compressed model's body is saved in.
+def resolve_body_dtype(model: torch.nn.Module, body_dtype: str | torch.dtype | None = "auto") -> torch.dtype | str:
+    """The dtype a compressed model's body is saved in, or ``"gguf"`` (weight matrices kept as the GGUF blocks).
 
     Args:
         model: the stock source model. A model from :func:`hf_embcomp.load_model` carries the source
-            checkpoint's precision class (``_embcomp_source["body_dtype"]``, e.g. ``"bfloat16"`` for a Q4_1 GGUF
-            file); any other model keeps its in-memory dtype under ``"auto"``.
-        body_dtype: ``"auto"`` / None (as above), or ``"float32"``, ``"bfloat16"``, ``"float16"`` (or the torch dtype).
+            checkpoint's precision class (``_embcomp_source["body_dtype"]``, e.g. ``"gguf"`` for a Q4_1 GGUF file,
+            ``"bfloat16"`` for a Q4_K one); any other model keeps its in-memory dtype under ``"auto"``.
+        body_dtype: ``"auto"`` / None (as above), ``"gguf"``, or ``"float32"``, ``"bfloat16"``, ``"float16"`` (or the
+            torch dtype).
 
     Returns:
-        A floating torch dtype.
+        A floating torch dtype, or ``"gguf"``.
 
     Raises:
-        ValueError: ``body_dtype`` is not one of :data:`BODY_DTYPES`.
+        ValueError: ``body_dtype`` is not one of :data:`BODY_DTYPES`, or ``"gguf"`` for a model not loaded from a
+            GGUF file by :func:`hf_embcomp.load_model`.
     """
     if isinstance(body_dtype, torch.dtype):
         body_dtype = str(body_dtype).replace("torch.", "")
+    carried = getattr(model, "_embcomp_source", None) or {}
     if body_dtype is None or body_dtype == "auto":
-        carried = (getattr(model, "_embcomp_source", None) or {}).get("body_dtype")
-        if carried:
-            return getattr(torch, carried)
+        if carried.get("body_dtype"):
+            return "gguf" if carried["body_dtype"] == "gguf" else getattr(torch, carried["body_dtype"])
         return model.dtype if getattr(model, "dtype", None) is not None else torch.float32
     if body_dtype not in BODY_DTYPES:
         raise ValueError(f"body_dtype must be one of {', '.join(BODY_DTYPES)} (got {body_dtype!r}); e.g. --body-dtype bfloat16.")
+    if body_dtype == "gguf":
+        if not carried.get("gguf_path"):
+            raise ValueError("body_dtype 'gguf' keeps a GGUF file's blocks: load the model from a .gguf file with "
+                             "hf_embcomp.load_model (or pass another --body-dtype).")
+        return "gguf"
     return getattr(torch, body_dtype)
+
+
+def gguf_body_blocks(model: torch.nn.Module, path: str | Path) -> tuple[dict[str, tuple[str, torch.Tensor]], list[str]]:
+    """The GGUF blocks of each ``nn.Linear`` of ``model`` (the stock model transformers loaded from ``path``), found by
+    content: a GGUF matrix of a kept type (:data:`KEPT_GGML_TYPES`) belongs to a Linear when its dequantised rows are
+    the Linear's weight rows, bit for bit (in the weight's dtype), in some order (transformers permutes the rows of
+    Llama's q / k projections); the blocks are returned in the Linear's row order. The token embedding (and a head
+    tied to it) is not a body matrix and is left out.
+
+    Args:
+        model: the stock source model, loaded from ``path``.
+        path: the GGUF file.
+
+    Returns:
+        ({module name: (ggml type, uint8 [out_features, in_features / 32 * block bytes])}, [names of the Linears
+        with no matching blocks]).
+    """
+    import numpy as np
+    from gguf import GGUFReader
+
+    from .hub_code.embcomp_body import dequantize_ggml
+
+    emb = model.get_input_embeddings()
+    linears = {n: m for n, m in model.named_modules()
+               if type(m) is torch.nn.Linear and m.weight is not getattr(emb, "weight", None)}
+    gen = torch.Generator().manual_seed(0)
+    probes: dict[int, torch.Tensor] = {}
+
+    def fingerprint(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = probes.setdefault(w.shape[1], torch.randn(w.shape[1], generator=gen, dtype=torch.float64))
+        return torch.sort(w.double() @ r)
+
+    candidates: dict[tuple[int, int], list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    for t in GGUFReader(str(path)).tensors:
+        kind = t.tensor_type.name
+        if kind not in KEPT_GGML_TYPES or t.name == "token_embd.weight" or len(t.shape) != 2:
+            continue
+        blocks = torch.from_numpy(np.array(t.data, dtype=np.uint8))
+        dense = dequantize_ggml(blocks, kind)
+        candidates.setdefault(tuple(dense.shape), []).append((kind, blocks, dense, {}))
+    found: dict[str, tuple[str, torch.Tensor]] = {}
+    for name, lin in linears.items():
+        w = lin.weight.detach().cpu()
+        pool = candidates.get(tuple(w.shape), [])
+        if not pool:
+            continue
+        keys, order = fingerprint(w.float())
+        for i, (kind, blocks, dense, prints) in enumerate(pool):
+            if w.dtype not in prints:  # fingerprints of the rows as the model holds them (a bfloat16 load rounds)
+                prints[w.dtype] = fingerprint(dense.to(w.dtype).float())
+            ckeys, corder = prints[w.dtype]
+            if not torch.allclose(keys, ckeys, rtol=1e-9, atol=1e-12):
+                continue
+            perm = torch.empty_like(order)
+            perm[order] = corder  # weight row order[k] is GGUF row corder[k]
+            if torch.equal(dense[perm].to(w.dtype), w):
+                found[name] = (kind, blocks[perm].contiguous())
+                pool.pop(i)
+                break
+    return found, [n for n in linears if n not in found]
 
 
 def model_size_report(source: torch.nn.Module, compressed: torch.nn.Module) -> dict[str, Any]:
@@ -118,8 +192,12 @@ def model_size_report(source: torch.nn.Module, compressed: torch.nn.Module) -> d
         logger.warning("the compressed model stores %.1f MB, more than its source's %.1f MB: the source's body is "
                        "quantised below 16 bits (e.g. a 4-bit GGUF file); quantise the body too (README, 'torchao "
                        "bodies') to be smaller than the source.", after / 1e6, before / 1e6)
+    block = getattr(compressed.config, "body_quantization", None)
+    kinds = sorted(set(block["modules"].values())) if block else []
     return {
         "body_dtype": str(compressed.dtype).replace("torch.", ""),
+        "body_format": (f"GGUF {'/'.join(kinds)} blocks for {len(block['modules'])} linear layers, "
+                        f"{str(compressed.dtype).replace('torch.', '')} elsewhere") if block else None,
         "source_model_bytes": int(before),
         "model_bytes": int(after),
         "model_compression_ratio": before / after,

@@ -250,7 +250,7 @@ def _compress(args: argparse.Namespace) -> int:
         f"  compression ratio {rep['compression_ratio']:.2f}x vs fp32, {rep['compression_ratio_vs_source']:.2f}x vs source",
         f"  row cosine        mean {fid['row_cosine_mean']:.4f}, 1st percentile {fid['row_cosine_p01']:.4f}",
         f"  rel. Frobenius    {fid['relative_frobenius_error']:.4f}",
-        f"  whole model       {rep['model_bytes']:,} bytes (body {rep['body_dtype']}), source {rep['source_model_bytes']:,}: "
+        f"  whole model       {rep['model_bytes']:,} bytes (body {rep.get('body_format') or rep['body_dtype']}), source {rep['source_model_bytes']:,}: "
         f"{rep['model_compression_ratio']:.2f}x",
         f"  time              load {steps.t['load']:.1f}s, fit {steps.t['fit']:.1f}s"
         + (f" (calibration and every candidate; the kept method's own fit {rep['fit_seconds']:.1f}s)" if "auto" in rep else "")
@@ -299,10 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", type=int, default=None, help="residual stages (LightToken)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="storage dtype of the real-valued parts (default: the method's own (see the list above))")
-    p.add_argument("--body-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+    p.add_argument("--body-dtype", choices=["auto", "gguf", "float32", "bfloat16", "float16"], default="auto",
                    help="dtype of every weight but the token embedding (default auto: the source checkpoint's "
-                        "precision class; bfloat16 for a quantised GGUF file, whose float32 dequantisation would "
-                        "make the repository bigger than its source)")
+                        "precision class; a GGUF file whose matrices are Q4_0 / Q4_1 / Q8_0 keeps them as its own "
+                        "blocks (gguf: lossless, float32 compute), other quantised GGUF files become bfloat16)")
     p.add_argument("--seed", type=int, default=None, help="random seed of the fit (default 0)")
     p.add_argument("--hp", action="append", metavar="KEY=VALUE", help="any other method hyper-parameter")
     p.add_argument("--corpus", default=None,

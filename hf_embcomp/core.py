@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from .body import model_size_report, resolve_body_dtype
+from .body import gguf_body_blocks, model_size_report, resolve_body_dtype
 from .calibration import HEAD_SAMPLES, resolve_calibration
 from .hub_code.configuration_embcomp import FORMAT_VERSION, EmbCompConfig
 from .hub_code.embcomp_base import CompressedEmbedding, EmbCompTiedLogits
@@ -262,7 +262,9 @@ class CompressionPlan:
     """The Auto class that builds the source model (its head), e.g. ``"AutoModelForCausalLM"``."""
     source: SourceInfo
     body_dtype: torch.dtype
-    """dtype of every weight of the compressed model but its compressed embedding."""
+    """dtype of every weight of the compressed model but its compressed embedding (and the GGUF blocks)."""
+    body_blocks: dict[str, tuple[str, torch.Tensor]] | None = None
+    """Linear layers kept as GGUF blocks (``body_dtype="gguf"``): module name -> (ggml type, uint8 blocks), or None."""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -315,7 +317,19 @@ def validate(model: PreTrainedModel, method: str, ratio: float | None, config: M
     if corpus is not None and (tokenizer is None or not spec.uses_token_counts):
         raise ValueError("corpus= needs a tokenizer and a method that uses token frequencies (lighttoken); "
                          "pass tokenizer= or leave corpus out.")
-    return CompressionPlan(method, spec, cfg, weight, auto, source, resolve_body_dtype(model, body_dtype))
+    body = resolve_body_dtype(model, body_dtype)
+    blocks = None
+    if body == "gguf":
+        blocks, left = gguf_body_blocks(model, model._embcomp_source["gguf_path"])
+        if left and body_dtype == "gguf":
+            raise ValueError(f"--body-dtype gguf: {len(left)} linear layers (e.g. {left[0]}) have no Q4_0 / Q4_1 / "
+                             "Q8_0 blocks in the GGUF file that hold their weights; pass --body-dtype bfloat16.")
+        if left:
+            logger.warning("%d linear layers (e.g. %s) have no GGUF blocks that hold their weights: the body is "
+                           "stored in bfloat16 instead of the GGUF blocks.", len(left), left[0])
+            blocks = None
+        body = torch.float32 if blocks else torch.bfloat16
+    return CompressionPlan(method, spec, cfg, weight, auto, source, body, blocks or None)
 
 
 def fit(model: PreTrainedModel, plan: CompressionPlan, *, device: str | torch.device | None = None,
@@ -399,6 +413,8 @@ def build_skeleton(model: PreTrainedModel, plan: CompressionPlan, fitted: FitRes
     ``embedding_compression`` block of :func:`compression_block`) and the compressed embedding swapped in."""
     ecfg = EmbCompConfig.from_backbone_config(model.config, compression_block(model, plan, fitted))
     ecfg.auto_map = auto_map_for(ecfg.backbone_model_type)
+    if plan.body_blocks:
+        ecfg.body_quantization = {"format": "ggml", "modules": {n: kind for n, (kind, _) in plan.body_blocks.items()}}
     ecfg.architectures = [next(n for n, a in ENTRY_AUTO_CLASSES.items() if a == plan.auto_class)]
     with torch.device("meta"):
         return ENTRY_CLASSES[ecfg.architectures[0]](ecfg)
@@ -429,9 +445,15 @@ def load_state(new: PreTrainedModel, model: PreTrainedModel, plan: CompressionPl
     missing, unexpected = new.load_state_dict(keep, strict=False, assign=True)
     emb: CompressedEmbedding = new.get_compressed_embedding()
     emb_prefixes = tuple(f"{n}." for n in new._embcomp_embedding_names)
-    bad = [k for k in missing if not k.startswith(emb_prefixes)]
+    blocks = {f"{n}.weight_blocks": b for n, (_, b) in (plan.body_blocks or {}).items()}
+    bad = [k for k in missing if not k.startswith(emb_prefixes) and k not in blocks]
     if bad or unexpected:
         raise CompressionError(f"could not carry the stock weights over: missing {bad}, unexpected {unexpected}")
+    for k, b in blocks.items():  # a body kept as GGUF blocks: each must hold its source weight bit for bit
+        _assign(new, k, b.to(device="cpu", copy=True))
+        lin = new.get_submodule(k[: -len(".weight_blocks")])
+        if not lin.matches_blocks():
+            raise CompressionError(f"the GGUF blocks of {k[: -len('.weight_blocks')]} do not hold its weight: a bug, please report it.")
     own = dict(emb.named_parameters(recurse=False)) | dict(emb.named_buffers(recurse=False))
     if set(own) != set(fitted.state):
         raise CompressionError(f"method {method} produced tensors {sorted(fitted.state)}, the runtime expects {sorted(own)}")

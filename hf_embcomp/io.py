@@ -61,9 +61,9 @@ class Source:
 
 SOURCE_ATTRIBUTE = "_embcomp_source"
 """Attribute :func:`load_model` sets on the model it loads: ``{"name", "revision", "dtype", "embedding_bytes",
-"body_dtype", "model_bytes"}`` (the :class:`Source` label, Hub revision, the GGUF embedding's dtype name and bytes,
-and the GGUF body's precision class and the bytes of all its tensors (:func:`hf_embcomp.body.gguf_body_info`);
-None where not a GGUF file).
+"body_dtype", "model_bytes", "gguf_path"}`` (the :class:`Source` label, Hub revision, the GGUF embedding's dtype name
+and bytes, the GGUF body's precision class and the bytes of all its tensors (:func:`hf_embcomp.body.gguf_body_info`),
+and the GGUF file's path; None where not a GGUF file).
 :func:`hf_embcomp.compress` records these when it is not given ``source=``."""
 
 
@@ -167,7 +167,8 @@ def load_model(
         body_dtype, model_bytes = gguf_body_info(reader)
     src = Source(m, tok, name, folder, gguf_file, emb_dtype, emb_bytes, revision)
     setattr(m, SOURCE_ATTRIBUTE, {"name": src.label, "revision": revision, "dtype": emb_dtype,
-                                  "embedding_bytes": emb_bytes, "body_dtype": body_dtype, "model_bytes": model_bytes})
+                                  "embedding_bytes": emb_bytes, "body_dtype": body_dtype, "model_bytes": model_bytes,
+                                  "gguf_path": str(folder / gguf_file) if gguf_file and folder is not None else None})
     return src
 
 

@@ -156,6 +156,10 @@ def test_smollm2_gguf_tied_head_reload_and_generate(tmp_path, smollm_gguf):
     assert not list(d.glob("__init__.py"))
     report = json.loads((d / "compression_report.json").read_text())
     assert report["compression_ratio"] >= 8 and report["compression_ratio_vs_source"] < report["compression_ratio"]
+    # the default body keeps the file's Q4_1 blocks: bit for bit the source's weights, smaller than the GGUF file
+    assert report["body_format"] == "GGUF Q4_1 blocks for 210 linear layers, float32 elsewhere"
+    assert torch.equal(comp.model.layers[7].self_attn.k_proj.weight, src.model.model.layers[7].self_attn.k_proj.weight)
+    assert (d / "model.safetensors").stat().st_size < smollm_gguf.stat().st_size
 
     prompt = "The capital of France is"
     enc = src.tokenizer(prompt, return_tensors="pt")

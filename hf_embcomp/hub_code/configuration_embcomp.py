@@ -22,7 +22,7 @@ from transformers import CONFIG_MAPPING, PretrainedConfig
 FORMAT_VERSION = 1
 """Version of the ``embedding_compression`` block written by this code. Newer blocks are refused."""
 
-_EMBCOMP_KEYS = ("backbone_model_type", "embedding_compression")
+_EMBCOMP_KEYS = ("backbone_model_type", "embedding_compression", "body_quantization")
 _STOCK_DROP_KEYS = ("model_type", "architectures", "auto_map", "transformers_version")
 # A compressed model is saved dequantized: the source's quantization_config (e.g. GGUF) does not apply.
 _BUILD_DROP_KEYS = _STOCK_DROP_KEYS + ("quantization_config",)

@@ -37,6 +37,7 @@ from .embcomp_layers import CompressedEmbedding, EmbCompTiedLogits, build_compre
 # 4.57, which optimum-onnx pins) copies only the relative imports of the entry file itself into its module
 # cache, so a file imported only by a sibling would be missing there (FileNotFoundError ... embcomp_base.py).
 from .embcomp_base import is_exporting  # noqa: E402,F401
+from .embcomp_body import ggml_modules, install_ggml_body  # noqa: E402
 from .embcomp_dccl import CompositionalCodeEmbedding  # noqa: E402,F401
 from .embcomp_direction import DirectionEmbedding  # noqa: E402,F401
 from .embcomp_distilled import DistilledEmbedding  # noqa: E402,F401
@@ -142,9 +143,22 @@ class EmbCompPreTrainedModel(PreTrainedModel):
                     raise ValueError(f"{pretrained_model_name_or_path} is not an hf-embcomp checkpoint (no backbone_model_type).")
             return embcomp_model_class(cls, bmt).from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
+        if kwargs.get("quantization_config") is not None and _body_blocks(kwargs.get("config")):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} stores its body as GGUF blocks (config.json body_quantization), "
+                "already quantised: load it without quantization_config, or call model.dequantize_body(), save, and "
+                "quantise that folder (or compress with --body-dtype bfloat16)."
+            )
         model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
-        # Strict: a compressed embedding with a missing, unexpected or mismatched tensor is never used.
-        prefixes = tuple(f"{n}." for n in model._embcomp_embedding_names)
+        if getattr(model, "hf_quantizer", None) is not None and ggml_modules(model):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} stores its body as GGUF blocks (config.json body_quantization), "
+                "already quantised: load it without a quantization config, or call model.dequantize_body(), save, "
+                "and quantise that folder (or compress with --body-dtype bfloat16)."
+            )
+        # Strict: a compressed embedding (or a body kept as GGUF blocks) with a missing, unexpected or mismatched
+        # tensor is never used.
+        prefixes = tuple(f"{n}." for n in model._embcomp_embedding_names + list(ggml_modules(model)))
         bad = {
             kind: sorted(k if isinstance(k, str) else k[0] for k in info.get(kind, ()) if (k if isinstance(k, str) else k[0]).startswith(prefixes))
             for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
@@ -156,6 +170,8 @@ class EmbCompPreTrainedModel(PreTrainedModel):
                 "Re-save it with hf-embcomp, or load it with the head it was saved with."
             )
         model.get_compressed_embedding().check_layout()
+        for m in ggml_modules(model).values():
+            m.unpack_()
         return (model, info) if want_info else model
 
     # --- the swap ------------------------------------------------------------------------------
@@ -231,6 +247,8 @@ class EmbCompPreTrainedModel(PreTrainedModel):
                     }
         self._embcomp_embedding_names = emb_names
         self._embcomp_output_names = out_names
+        if _body_blocks(self.config):
+            install_ggml_body(self, self.config.body_quantization["modules"])
         self._embcomp_removed_keys = removed
         self._embcomp_installed = True
 
@@ -264,6 +282,18 @@ class EmbCompPreTrainedModel(PreTrainedModel):
         return out
 
     # --- helpers ---------------------------------------------------------------------------------
+    def dequantize_body(self) -> EmbCompPreTrainedModel:
+        """Turn a body kept as GGUF blocks (``config.body_quantization``) into ordinary ``nn.Linear`` layers holding
+        the same weights, so that it can be fine-tuned, merged or quantised and then saved (dense, in the model's
+        dtype). In place; returns the model. A no-op for a dense body."""
+        for name, m in ggml_modules(self).items():
+            new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            new.weight = m.weight
+            new.bias = m.bias
+            self.set_submodule(name, new)
+        self.config.body_quantization = None
+        return self
+
     def get_compressed_embedding(self) -> CompressedEmbedding:
         """The compressed token-embedding module."""
         return self.get_submodule(self._embcomp_embedding_names[0])
@@ -290,7 +320,9 @@ class EmbCompPreTrainedModel(PreTrainedModel):
         stock_cfg = self.config.to_backbone_config()
         new = self._embcomp_stock_class(stock_cfg)
         prefixes = tuple(f"{n}." for n in self._embcomp_embedding_names + self._embcomp_output_names)
-        sd = {k: v for k, v in self.state_dict().items() if not k.startswith(prefixes)}
+        sd = {k: v for k, v in self.state_dict().items() if not k.startswith(prefixes) and not k.endswith(".weight_blocks")}
+        for n, m in ggml_modules(self).items():  # a body kept as GGUF blocks: its loaded weights
+            sd[f"{n}.weight"] = m.weight
         for n in self._embcomp_output_names:  # the tied projection's bias keeps its stock key
             out = self.get_submodule(n)
             if out.bias is not None:
@@ -307,6 +339,17 @@ class EmbCompPreTrainedModel(PreTrainedModel):
         new.to(device=emb.device, dtype=self.dtype)
         new.train(self.training)
         return new
+
+
+def _body_blocks(config: Any) -> bool:
+    """Whether ``config`` keeps body layers as GGUF blocks (a ``body_quantization`` block of format ``ggml``)."""
+    block = getattr(config, "body_quantization", None)
+    if not block:
+        return False
+    if not isinstance(block, dict) or block.get("format") != "ggml" or not isinstance(block.get("modules"), dict):
+        raise ValueError(f"config.json body_quantization {block!r} is not understood by this runtime code (expected "
+                         "format 'ggml' with a 'modules' object); re-save the model with hf-embcomp.")
+    return True
 
 
 ENTRY_AUTO_CLASSES = {

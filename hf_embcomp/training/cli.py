@@ -25,9 +25,11 @@ def _stored_dtype(folder: Path) -> str | None:
 def cmd_recover(args: argparse.Namespace) -> int:
     import torch
 
+    from ..body import state_dict_bytes
     from ..cards import render_card
     from ..core import fidelity
     from ..evaluation.lm import needs_bos
+    from ..hub_code.embcomp_body import ggml_modules
     from ..io import atomic_output_dir, attach_side_files, load_model, prepare_for_save, read_report, side_files
     from ..progress import quiet as quiet_progress
     from .distill import load_compressed, split_tokens, text_tokens
@@ -78,12 +80,23 @@ def cmd_recover(args: argparse.Namespace) -> int:
         "total_seconds": round(time.perf_counter() - t0, 1),
         "log": res.log,
     }
+    # A body kept as GGUF blocks that the merged LoRA changed is no longer what its blocks hold: stored dense, in
+    # bfloat16 (the precision class hf-embcomp gives a quantised GGUF body it cannot keep as blocks).
+    changed = [n for n, m in ggml_modules(student).items() if not m.matches_blocks()]
+    if changed:
+        student.dequantize_body()
+        body_dtype = "bfloat16"
+        report["recovery"]["body"] = (f"{len(changed)} linear layers kept as GGUF blocks were changed by the merged "
+                                      "LoRA: the body is saved dense in bfloat16")
+    if body_dtype and body_dtype != "float32":
+        student.to(getattr(torch, body_dtype))  # the body is saved in the precision it came in
+    if changed and report.get("model_bytes"):
+        report.update(body_dtype="bfloat16", body_format=None, model_bytes=state_dict_bytes(student),
+                      model_compression_ratio=report["source_model_bytes"] / state_dict_bytes(student))
     files = {k: v for k, v in side_files(folder).items() if not k.endswith(".py")}
     files["compression_report.json"] = (json.dumps(report, indent=2) + "\n").encode()
     if "method" in report:
         files["README.md"] = render_card(student.config, report).encode()
-    if body_dtype and body_dtype != "float32":
-        student.to(getattr(torch, body_dtype))  # the body is saved in the precision it came in
     attach_side_files(student, files)
     prepare_for_save(student)
     with atomic_output_dir(out, overwrite=args.overwrite) as tmp:
@@ -97,6 +110,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
          f"{args.seq_len} tokens in {res.seconds:.0f}s"),
         f"  {res.metric:<17} {res.before:.4g} -> {res.after:.4g} (teacher {res.teacher:.4g}; {res.heldout_tokens} tokens)",
         f"  kept              {verdict}",
+        *([f"  body              {report['recovery']['body']}"] if changed else []),
         f"  row cosine        mean {fid['row_cosine_mean']:.4f} vs the teacher's embedding",
     ]))
     return 0

@@ -1,0 +1,120 @@
+"""Issue 17, a body kept as its GGUF blocks: the runtime's dequantisation is gguf-py's bit for bit, the blocks are found
+by content (rows permuted as transformers permutes Llama's q / k), a compressed model stores them and reloads to the
+same weights, and a changed weight is never saved stale."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.quants import dequantize, quantize
+from safetensors import safe_open
+
+import hf_embcomp
+from hf_embcomp.body import gguf_body_blocks, resolve_body_dtype
+from hf_embcomp.hub_code.embcomp_body import GGML_BLOCK_BYTES, GGMLLinear, dequantize_ggml
+from hf_embcomp.io import SOURCE_ATTRIBUTE, save_compressed
+from tests.support.tiny import tiny_model
+
+
+@pytest.mark.parametrize("kind", sorted(GGML_BLOCK_BYTES))
+def test_dequantize_matches_gguf_py_bit_for_bit(kind):
+    x = np.random.default_rng(0).standard_normal((48, 96)).astype(np.float32)
+    qtype = GGMLQuantizationType[kind]
+    blocks = quantize(x, qtype)
+    assert blocks.shape == (48, 96 // 32 * GGML_BLOCK_BYTES[kind])
+    ours = dequantize_ggml(torch.from_numpy(blocks), kind)
+    assert ours.dtype == torch.float32 and torch.equal(ours, torch.from_numpy(dequantize(blocks, qtype)))
+    with pytest.raises(ValueError, match="not supported"):
+        dequantize_ggml(torch.from_numpy(blocks), "Q4_K")
+    with pytest.raises(ValueError, match="uint8"):
+        dequantize_ggml(torch.from_numpy(blocks)[:, :-1], kind)
+
+
+def _gguf_source(tmp_path):
+    """A tiny Llama whose Linear weights lie on GGUF grids (Q4_1, with one Q4_0 and one Q8_0 layer), and a GGUF file
+    holding their blocks, q_proj rows reversed in the file (as a permuting loader would see them)."""
+    model = tiny_model("llama").eval()
+    kinds = {"model.layers.0.mlp.up_proj": "Q4_0", "model.layers.1.self_attn.o_proj": "Q8_0"}
+    path = tmp_path / "tiny.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    with torch.no_grad():
+        for name, lin in model.named_modules():
+            if type(lin) is not torch.nn.Linear or lin.weight is model.get_input_embeddings().weight:
+                continue
+            kind = kinds.get(name, "Q4_1")
+            qtype = GGMLQuantizationType[kind]
+            blocks = quantize(lin.weight.numpy(), qtype)
+            lin.weight.copy_(torch.from_numpy(dequantize(blocks, qtype)))
+            if name.endswith("q_proj"):
+                blocks = blocks[::-1].copy()
+            writer.add_tensor(name, blocks, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    setattr(model, SOURCE_ATTRIBUTE, {"body_dtype": "gguf", "gguf_path": str(path)})
+    return model, path, kinds
+
+
+def test_blocks_found_by_content_in_row_order(tmp_path):
+    model, path, kinds = _gguf_source(tmp_path)
+    found, left = gguf_body_blocks(model, path)
+    linears = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"]
+    assert left == [] and sorted(found) == sorted(linears)
+    for name, (kind, blocks) in found.items():
+        assert kind == kinds.get(name, "Q4_1")
+        assert torch.equal(dequantize_ggml(blocks, kind), model.get_submodule(name).weight)
+    with torch.no_grad():  # a weight off its grid has no blocks
+        model.model.layers[0].mlp.down_proj.weight[0, 0] += 1e-3
+    found, left = gguf_body_blocks(model, path)
+    assert left == ["model.layers.0.mlp.down_proj"] and len(found) == len(linears) - 1
+    assert resolve_body_dtype(model) == "gguf" and resolve_body_dtype(model, "bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError, match="load the model from a .gguf file"):
+        resolve_body_dtype(tiny_model("llama"), "gguf")
+
+
+def test_compressed_model_stores_blocks_and_reloads_the_same(tmp_path):
+    model, _, _ = _gguf_source(tmp_path)
+    comp = hf_embcomp.compress(model, "svd", 4)
+    body = {n: m for n, m in comp.named_modules() if isinstance(m, GGMLLinear)}
+    assert len(body) == 14 and comp.dtype == torch.float32
+    for n, m in body.items():  # bit for bit the source's weights
+        assert torch.equal(m.weight, model.get_submodule(n).weight)
+    d = tmp_path / "m"
+    save_compressed(comp, d)
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        assert not any(k.endswith("proj.weight") for k in keys)
+        assert all(f.get_tensor(f"{n}.weight_blocks").dtype == torch.uint8 for n in body)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["body_quantization"]["format"] == "ggml" and len(cfg["body_quantization"]["modules"]) == 14
+    rep = json.loads((d / "compression_report.json").read_text())
+    assert rep["body_format"].startswith("GGUF ") and "14 linear layers" in rep["body_format"]
+
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    again = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, comp(ids).logits)
+    half = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True, dtype=torch.bfloat16)
+    assert half.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    half.save_pretrained(tmp_path / "half")  # still what the blocks hold, rounded: saved as blocks
+    with safe_open(str(tmp_path / "half" / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.mlp.down_proj.weight_blocks" in set(f.keys())
+
+    with torch.no_grad():
+        again.model.layers[0].mlp.down_proj.weight[0, 0] += 1
+    with pytest.raises(RuntimeError, match="dequantize_body"):
+        again.save_pretrained(tmp_path / "stale")
+    again.dequantize_body()
+    assert again.config.body_quantization is None and not any(isinstance(m, GGMLLinear) for m in again.modules())
+    again.save_pretrained(tmp_path / "dense")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", trust_remote_code=True)
+    assert torch.equal(dense.model.layers[0].mlp.down_proj.weight, again.model.layers[0].mlp.down_proj.weight)
+    stock = dense.decompress()
+    assert torch.equal(stock.model.layers[1].self_attn.q_proj.weight, model.model.layers[1].self_attn.q_proj.weight)
