@@ -9,8 +9,9 @@ folder and measured after a fresh ``from_pretrained(folder, trust_remote_code=Tr
 2. body int8: the stock folder loaded with ``TorchAoConfig(Int8WeightOnlyConfig())`` and saved again (README,
    "torchao bodies"; the embedding, an ``nn.Embedding``, is not quantised by torchao's default filter),
 3. embedding ``--ratio``x: ``hf_embcomp.compress(model, --method, --ratio, tokenizer=...)`` with its default
-   calibration and body dtype, ``save_pretrained``,
-4. both: folder 3 loaded with the int8 ``TorchAoConfig`` and saved again,
+   calibration and body dtype (SmolLM2's Q4_1 GGUF: the body kept as the file's Q4_1 blocks), ``save_pretrained``,
+4. both: folder 3 loaded with the int8 ``TorchAoConfig`` and saved again (a body kept as GGUF blocks is
+   quantised already: from a bfloat16 copy of folder 3 made dense with ``dequantize_body()``),
 5. body NF4 / embedding + body NF4: the stock folder (SmolLM2: its bf16 save) and folder 3 loaded with
    bitsandbytes' 4-bit NF4 ``BitsAndBytesConfig`` (README, "4-bit bodies"; torchao 0.18 has no int4 format that
    runs and saves on CPU) and saved again.
@@ -245,18 +246,30 @@ def run_model(key: str, args: argparse.Namespace, work: Path, add: Callable[[dic
         del comp
         gc.collect()
         keep = ("compression_ratio", "stored_bytes", "fit_seconds", "hyperparameters", "calibration", "body_dtype",
-                "source_model_bytes", "model_bytes", "model_compression_ratio")
+                "body_format", "source_model_bytes", "model_bytes", "model_compression_ratio")
         return measured({"format": "safetensors", "bytes": safetensors_bytes(emb_dir), "fit_seconds": fit_s,
                          "compression_report": {k: rep.get(k) for k in keep}}, measure, reload(emb_dir))
 
-    emb_row = attempt("embedding", f"embedding {args.ratio:g}x ({args.method})", embedding)
+    kept = (getattr(model, "_embcomp_source", None) or {}).get("body_dtype") == "gguf"  # body kept as GGUF blocks
+    kind = f", body as its {src.gguf_file.rsplit('.', 2)[-2]} GGUF blocks" if kept and src.gguf_file else ""
+    emb_row = attempt("embedding", f"embedding {args.ratio:g}x ({args.method}){kind}", embedding)
 
-    # 4. the embedding with each quantised body
+    # 4. the embedding with each quantised body. A body kept as GGUF blocks is quantised already: these start from
+    # a dense bfloat16 copy of folder 3 (``dequantize_body()``, the route the runtime's error names).
     emb_ok = emb_row is not None and emb_row["status"] == "ok"
+    base_dir = emb_dir
+    if kept and emb_ok:
+        base_dir = work / f"{emb_dir.name}-dense"
+        if not base_dir.is_dir():
+            dense = auto_class(causal).from_pretrained(emb_dir, trust_remote_code=True).dequantize_body()
+            dense.to(torch.bfloat16).save_pretrained(base_dir)
+            tok.save_pretrained(base_dir)
+            del dense
     for body, (fmt, _) in BODIES.items():
         attempt("both" if body == "int8" else f"both-{body}", f"embedding {args.ratio:g}x + body {fmt}", quantised(
-            emb_dir if emb_ok else None, work / f"{emb_dir.name}-{body}", body,
-            {"from": "embedding", "fit_seconds": (emb_row or {}).get("fit_seconds")}))
+            base_dir if emb_ok else None, work / f"{emb_dir.name}-{body}", body,
+            {"from": "embedding" + (" (dequantize_body(), bfloat16)" if kept else ""),
+             "fit_seconds": (emb_row or {}).get("fit_seconds")}))
     return measure.settings | {"source_load_seconds": load_s}
 
 
