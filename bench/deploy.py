@@ -53,8 +53,10 @@ import quality  # noqa: E402
 
 logger = logging.getLogger("bench.deploy")
 
-VARIANTS = ("stock", "stock-safetensors", "body-int8", "body-nf4", "embedding", "both", "both-nf4")
-NEEDED_BY = {"stock-safetensors": ("body-int8", "body-nf4"), "embedding": ("both", "both-nf4")}
+VARIANTS = ("stock", "stock-safetensors", "body-int8", "body-nf4", "embedding", "both", "both-nf4", "onnx")
+NEEDED_BY = {"stock-safetensors": ("body-int8", "body-nf4"), "embedding": ("both", "both-nf4", "onnx")}
+PROMPTS = ("The capital of France is", "Water boils at a temperature of")
+"""The causal LM's ONNX check: greedy generation of 20 tokens from each, onnxruntime (with the cache) vs torch."""
 """A variant whose folder later variants are built from: with --resume it is redone unless they are all done."""
 
 COLS = [("model", "model"), ("label", "variant"), ("mb", "MB"), ("ratio_vs_stock", "x stock"),
@@ -270,7 +272,50 @@ def run_model(key: str, args: argparse.Namespace, work: Path, add: Callable[[dic
             base_dir if emb_ok else None, work / f"{emb_dir.name}-{body}", body,
             {"from": "embedding" + (" (dequantize_body(), bfloat16)" if kept else ""),
              "fit_seconds": (emb_row or {}).get("fit_seconds")}))
+
+    # 5. folder 3 exported to ONNX (hf-embcomp export onnx), onnxruntime vs torch on real inputs
+    attempt("onnx", f"embedding {args.ratio:g}x, ONNX", lambda: onnx_row(emb_dir if emb_ok else None,
+                                                                         work / f"{emb_dir.name}-onnx", causal, tok))
     return measure.settings | {"source_load_seconds": load_s}
+
+
+def onnx_row(folder: Path | None, out: Path, causal: bool, tok: Any) -> dict[str, Any]:
+    """``hf-embcomp export onnx folder out`` (its default task: ``text-generation-with-past`` for a causal LM,
+    ``feature-extraction`` otherwise), then onnxruntime vs the torch model it was exported from: for a causal LM
+    the logits of every position while greedily generating 20 tokens from each of :data:`PROMPTS` with the cache,
+    and whether the tokens equal ``generate``'s; for an encoder the last hidden states of 8 STS-B dev sentences of
+    mixed lengths in one padded batch (max abs diff over the real tokens and over all positions)."""
+    from hf_embcomp.export import compare_with_past, export_onnx, ort_outputs
+
+    if folder is None:
+        raise RuntimeError("the compressed-embedding folder was not made")
+    t = time.perf_counter()
+    rep = export_onnx(folder, out, overwrite=True)
+    row: dict[str, Any] = {"format": "onnx", "task": rep["task"], "bytes": rep["onnx_bytes"],
+                           "safetensors_bytes": rep["safetensors_bytes"], "initializers": rep["initializers"],
+                           "build_seconds": round(time.perf_counter() - t, 1), "export_report": rep}
+    model = auto_class(causal).from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    if causal:
+        checks = []
+        for prompt in PROMPTS:
+            ids = tok(prompt, return_tensors="pt").input_ids
+            diff, same = compare_with_past(model, out / "model.onnx", ids, max_new_tokens=20)
+            checks.append({"prompt": prompt, "max_abs_diff": diff, "greedy_20_equal": same})
+        row["ort_checks"] = checks
+    else:
+        from hf_embcomp.evaluation.sentence import stsb_pairs
+
+        sentences = sorted(stsb_pairs()[0][:64], key=len)[::8]  # 8 lengths from short to long
+        enc = tok(sentences, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            ref = model(**enc).last_hidden_state.numpy()
+        got = ort_outputs(out / "model.onnx", {k: v.numpy() for k, v in enc.items()})
+        real = enc["attention_mask"].numpy().astype(bool)
+        row["ort_checks"] = [{"sentences": len(sentences), "tokens": [int(n) for n in real.sum(1)],
+                              "max_abs_diff_real_tokens": float(abs(got - ref)[real].max()),
+                              "max_abs_diff_all_positions": float(abs(got - ref).max())}]
+    row["quality"] = None
+    return row
 
 
 def finish_rows(rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
@@ -282,6 +327,8 @@ def finish_rows(rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
         if stock is None or r["status"] != "ok":
             continue
         r["ratio_vs_stock"] = round(stock["bytes"] / r["bytes"], 2)
+        if r.get("quality") is None:  # the ONNX row: checked against torch, not measured on the metric
+            continue
         if settings[r["model"]]["metric"] == "perplexity":
             r["delta"] = f"{100 * (r['quality'] / stock['quality'] - 1):+.1f} %"
         else:

@@ -105,13 +105,17 @@ def test_deploy_quick(results):
     assert d["finished"] and d["quick"] and d["models"] == ["minilm"] and d["method"] == "svd"
     assert [(r["variant"], r["status"]) for r in d["rows"]] == [
         ("stock", "ok"), ("body-int8", "ok"), ("body-nf4", "ok"), ("embedding", "ok"), ("both", "ok"),
-        ("both-nf4", "ok")]
+        ("both-nf4", "ok"), ("onnx", "ok")]
     b = {r["variant"]: r["bytes"] for r in d["rows"]}
     assert b["stock"] > b["body-int8"] > b["both"] and b["stock"] > b["embedding"] > b["both"] > b["both-nf4"]
     assert b["body-int8"] > b["body-nf4"]
     assert d["rows"][3]["compression_report"]["compression_ratio"] >= 25
     assert all(r["ratio_vs_stock"] == pytest.approx(b["stock"] / r["bytes"], rel=1e-2) for r in d["rows"])
-    assert d["settings"]["minilm"]["pairs"] == 200 and all(-100 <= r["quality"] <= 100 for r in d["rows"])
+    measured = [r for r in d["rows"] if r["variant"] != "onnx"]
+    assert d["settings"]["minilm"]["pairs"] == 200 and all(-100 <= r["quality"] <= 100 for r in measured)
+    (onnx,) = [r for r in d["rows"] if r["variant"] == "onnx"]  # the embedding folder exported, still compressed
+    assert onnx["task"] == "feature-extraction" and onnx["bytes"] < 1.1 * onnx["safetensors_bytes"]
+    assert onnx["ort_checks"][0]["max_abs_diff_real_tokens"] < 1e-4
 
 
 def test_spectrum_matrix_has_the_resampled_spectrum(tmp_path, monkeypatch):
