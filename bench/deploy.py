@@ -305,7 +305,8 @@ def onnx_row(folder: Path | None, out: Path, causal: bool, tok: Any) -> dict[str
     else:
         from hf_embcomp.evaluation.sentence import stsb_pairs
 
-        sentences = sorted(stsb_pairs()[0][:64], key=len)[::8]  # 8 lengths from short to long
+        pool = sorted(stsb_pairs()[0], key=len)  # 8 sentences from the shortest to the longest of STS-B dev
+        sentences = [pool[round(i * (len(pool) - 1) / 7)] for i in range(8)]
         enc = tok(sentences, padding=True, return_tensors="pt")
         with torch.no_grad():
             ref = model(**enc).last_hidden_state.numpy()

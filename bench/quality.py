@@ -250,7 +250,9 @@ def run_ours(ev: Evaluator, E: torch.Tensor, method: str, ratio: float, model_ke
                 "calibration": rep.get("calibration"),
                 "fit_seconds": rep["fit_seconds"], "hyperparameters": rep["hyperparameters"],
                 "overrides": overrides, "token_counts_source": rep.get("token_counts_source"),
-                "head_refit": rep.get("head_refit"), **rep["fidelity"]}
+                "head_refit": rep.get("head_refit"), "body_format": rep.get("body_format") or rep.get("body_dtype"),
+                "model_bytes": rep.get("model_bytes"), "source_model_bytes": rep.get("source_model_bytes"),
+                **rep["fidelity"]}
         comp.eval()
         row |= ev.score(comp)
         row["status"] = "ok"

@@ -3,10 +3,11 @@
 By default the body keeps the *precision class* of the source checkpoint, so that the body is never stored wider
 than its source's: a float32 safetensors checkpoint stays float32, a bfloat16 one bfloat16. A GGUF file - which
 transformers dequantises to float32 on load - keeps its own quantised blocks when every weight matrix of its body
-is Q4_0, Q4_1 or Q8_0 (``"gguf"``: the matrices are stored as the file's blocks, the model computes in float32 and
-equals the float32 model transformers loads from the file bit for bit; runtime ``embcomp_body.py``); other GGUF
-files (K-quants, I-quants) become bfloat16 (float16 when their matrices are float16, float32 only when float32).
-``--body-dtype`` (the ``body_dtype=`` argument of :func:`hf_embcomp.compress`) overrides the choice.
+is of a type the runtime reads (:data:`KEPT_GGML_TYPES`: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K): ``"gguf"``, the
+matrices are stored as the file's blocks, the model computes in float32 and equals the float32 model transformers
+loads from the file bit for bit (runtime ``embcomp_body.py``). Other GGUF files (I-quants, Q2_K, Q3_K, Q5_K) become
+bfloat16 (float16 when their matrices are float16, float32 only when float32). ``--body-dtype`` (the
+``body_dtype=`` argument of :func:`hf_embcomp.compress`) overrides the choice.
 
 SmolLM2-135M-Instruct Q4_1 (98 MB file): its body kept as Q4_1 blocks stores 66 MB, bfloat16 212 MB, float32 424 MB.
 :func:`model_size_report` logs a warning when the whole model grows.
@@ -23,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .hub_code.embcomp_body import GGML_BLOCKS
+
 if TYPE_CHECKING:
     from gguf import GGUFReader
 
@@ -31,7 +34,7 @@ logger = logging.getLogger(__name__)
 BODY_DTYPES = ("auto", "gguf", "float32", "bfloat16", "float16")
 """Accepted ``body_dtype`` values (``--body-dtype``); ``"gguf"``: weight matrices kept as the GGUF file's blocks."""
 
-KEPT_GGML_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+KEPT_GGML_TYPES = tuple(GGML_BLOCKS)
 """GGUF block types a body keeps as they are (:mod:`hf_embcomp.hub_code.embcomp_body`)."""
 
 _GGUF_FLOAT = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -43,7 +46,7 @@ def gguf_body_info(path: str | Path | GGUFReader) -> tuple[str, int]:
     The class is that of the matrices other than ``token_embd.weight`` (1-D tensors such as norms are float32
     in every GGUF file and are ignored): ``"float32"`` if they are all F32, ``"float16"`` if the widest is F16,
     ``"gguf"`` if they are all of :data:`KEPT_GGML_TYPES` (kept as blocks), else ``"bfloat16"`` (other quantised
-    types such as Q4_K, and BF16).
+    types such as IQ2_XS, and BF16).
 
     Args:
         path: the GGUF file, or the file already opened as a ``gguf.GGUFReader`` (opening one parses all the
@@ -88,7 +91,7 @@ def resolve_body_dtype(model: torch.nn.Module, body_dtype: str | torch.dtype | N
     Args:
         model: the stock source model. A model from :func:`hf_embcomp.load_model` carries the source
             checkpoint's precision class (``_embcomp_source["body_dtype"]``, e.g. ``"gguf"`` for a Q4_1 GGUF file,
-            ``"bfloat16"`` for a Q4_K one); any other model keeps its in-memory dtype under ``"auto"``.
+            ``"bfloat16"`` for an IQ4_XS one); any other model keeps its in-memory dtype under ``"auto"``.
         body_dtype: ``"auto"`` / None (as above), ``"gguf"``, or ``"float32"``, ``"bfloat16"``, ``"float16"`` (or the
             torch dtype).
 

@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage dtype of the real-valued parts (default: the method's own (see the list above))")
     p.add_argument("--body-dtype", choices=["auto", "gguf", "float32", "bfloat16", "float16"], default="auto",
                    help="dtype of every weight but the token embedding (default auto: the source checkpoint's "
-                        "precision class; a GGUF file whose matrices are Q4_0 / Q4_1 / Q8_0 keeps them as its own "
+                        "precision class; a GGUF file whose matrices are Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q6_K keeps them as its own "
                         "blocks (gguf: lossless, float32 compute), other quantised GGUF files become bfloat16)")
     p.add_argument("--seed", type=int, default=None, help="random seed of the fit (default 0)")
     p.add_argument("--hp", action="append", metavar="KEY=VALUE", help="any other method hyper-parameter")

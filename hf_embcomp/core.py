@@ -322,8 +322,9 @@ def validate(model: PreTrainedModel, method: str, ratio: float | None, config: M
     if body == "gguf":
         blocks, left = gguf_body_blocks(model, model._embcomp_source["gguf_path"])
         if left and body_dtype == "gguf":
-            raise ValueError(f"--body-dtype gguf: {len(left)} linear layers (e.g. {left[0]}) have no Q4_0 / Q4_1 / "
-                             "Q8_0 blocks in the GGUF file that hold their weights; pass --body-dtype bfloat16.")
+            raise ValueError(f"--body-dtype gguf: {len(left)} linear layers (e.g. {left[0]}) have no blocks of a "
+                             "type the runtime reads (e.g. I-quants) in the GGUF file that hold their weights; pass "
+                             "--body-dtype bfloat16.")
         if left:
             logger.warning("%d linear layers (e.g. %s) have no GGUF blocks that hold their weights: the body is "
                            "stored in bfloat16 instead of the GGUF blocks.", len(left), left[0])

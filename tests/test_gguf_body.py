@@ -15,23 +15,41 @@ from safetensors import safe_open
 
 import hf_embcomp
 from hf_embcomp.body import gguf_body_blocks, resolve_body_dtype
-from hf_embcomp.hub_code.embcomp_body import GGML_BLOCK_BYTES, GGMLLinear, dequantize_ggml
+from hf_embcomp.hub_code.embcomp_body import GGML_BLOCKS, GGMLLinear, dequantize_ggml
 from hf_embcomp.io import SOURCE_ATTRIBUTE, save_compressed
 from tests.support.tiny import tiny_model
 
+FLOAT16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2),
+                  "Q6_K": (208,)}
+"""Byte offsets of each block's float16 fields (d, m, dmin)."""
 
-@pytest.mark.parametrize("kind", sorted(GGML_BLOCK_BYTES))
+
+@pytest.mark.parametrize("kind", sorted(GGML_BLOCKS))
 def test_dequantize_matches_gguf_py_bit_for_bit(kind):
-    x = np.random.default_rng(0).standard_normal((48, 96)).astype(np.float32)
+    """Random blocks (every bit pattern of the codes and scales, finite float16 fields) read as gguf-py reads them."""
+    weights, size = GGML_BLOCKS[kind]
+    g = np.random.default_rng(0)
+    blocks = g.integers(0, 256, (24, 3 * size), dtype=np.uint8)
+    halves = g.standard_normal((24, 3, 2)).astype(np.float16).view(np.uint8).reshape(24, 3, 2, 2)
+    for i, off in enumerate(FLOAT16_FIELDS[kind]):
+        blocks.reshape(24, 3, size)[:, :, off:off + 2] = halves[:, :, i]
     qtype = GGMLQuantizationType[kind]
-    blocks = quantize(x, qtype)
-    assert blocks.shape == (48, 96 // 32 * GGML_BLOCK_BYTES[kind])
     ours = dequantize_ggml(torch.from_numpy(blocks), kind)
-    assert ours.dtype == torch.float32 and torch.equal(ours, torch.from_numpy(dequantize(blocks, qtype)))
+    assert ours.shape == (24, 3 * weights) and ours.dtype == torch.float32
+    assert torch.equal(ours, torch.from_numpy(dequantize(blocks, qtype)))
     with pytest.raises(ValueError, match="not supported"):
-        dequantize_ggml(torch.from_numpy(blocks), "Q4_K")
+        dequantize_ggml(torch.from_numpy(blocks), "IQ2_XS")
     with pytest.raises(ValueError, match="uint8"):
         dequantize_ggml(torch.from_numpy(blocks)[:, :-1], kind)
+
+
+def test_quantised_weights_round_trip():
+    """gguf-py's own quantiser (Q4_0 / Q4_1 / Q8_0) and our dequantisation agree with its dequantisation."""
+    x = np.random.default_rng(0).standard_normal((48, 96)).astype(np.float32)
+    for kind in ("Q4_0", "Q4_1", "Q8_0"):
+        blocks = quantize(x, GGMLQuantizationType[kind])
+        assert torch.equal(dequantize_ggml(torch.from_numpy(blocks), kind),
+                           torch.from_numpy(dequantize(blocks, GGMLQuantizationType[kind])))
 
 
 def _gguf_source(tmp_path):
@@ -118,3 +136,33 @@ def test_compressed_model_stores_blocks_and_reloads_the_same(tmp_path):
     assert torch.equal(dense.model.layers[0].mlp.down_proj.weight, again.model.layers[0].mlp.down_proj.weight)
     stock = dense.decompress()
     assert torch.equal(stock.model.layers[1].self_attn.q_proj.weight, model.model.layers[1].self_attn.q_proj.weight)
+
+
+def test_state_dict_restores_from_blocks_and_recover_with_lora_saves(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_embcomp.training.recover import recover
+
+    model, _, _ = _gguf_source(tmp_path)
+    comp = hf_embcomp.compress(model, "svd", 4).float()
+    snapshot = comp.state_dict()
+    lin = comp.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    comp.load_state_dict(snapshot)  # no weight in the snapshot: restored from the blocks
+    assert torch.equal(lin.weight, model.model.layers[0].mlp.down_proj.weight)
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (16 * 16 + 64,), generator=g)
+    held, blocks = ids[:64], ids[64:].reshape(16, 16)
+    res = recover(comp, model, blocks, held, lora_rank=2, max_steps=4, batch_size=2, lr=3e-3, lora_lr=1e-2, quiet=True)
+    left = [m for m in comp.modules() if isinstance(m, GGMLLinear)]
+    if res.kept == "recovered":  # the merged adapters changed the body: dense now, saved in the model's dtype
+        assert not left and comp.config.body_quantization is None
+    else:  # the original weights, still what the blocks hold
+        assert len(left) == 14 and all(m.matches_blocks() for m in left)
+    save_compressed(comp, tmp_path / "r")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "r", trust_remote_code=True)
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, comp(x).logits)

@@ -45,6 +45,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     body_dtype = _stored_dtype(folder)
     with quiet_progress(args.quiet):
         student = load_compressed(folder)
+        blocks_before = len(ggml_modules(student))
         src = load_model(args.teacher, gguf_file=args.gguf_file)
         teacher, tok = src.model, src.tokenizer  # GGUF sources load as float32 already (and refuse .float())
         ids = text_tokens(tok, args.data)
@@ -80,14 +81,13 @@ def cmd_recover(args: argparse.Namespace) -> int:
         "total_seconds": round(time.perf_counter() - t0, 1),
         "log": res.log,
     }
-    # A body kept as GGUF blocks that the merged LoRA changed is no longer what its blocks hold: stored dense, in
-    # bfloat16 (the precision class hf-embcomp gives a quantised GGUF body it cannot keep as blocks).
-    changed = [n for n, m in ggml_modules(student).items() if not m.matches_blocks()]
+    # A body kept as GGUF blocks that the merged LoRA changed is dense after recover (dequantize_body): saved in
+    # bfloat16, the precision class hf-embcomp gives a quantised GGUF body it cannot keep as blocks.
+    changed = blocks_before and not ggml_modules(student)
     if changed:
-        student.dequantize_body()
         body_dtype = "bfloat16"
-        report["recovery"]["body"] = (f"{len(changed)} linear layers kept as GGUF blocks were changed by the merged "
-                                      "LoRA: the body is saved dense in bfloat16")
+        report["recovery"]["body"] = (f"the {blocks_before} linear layers kept as GGUF blocks were changed by the "
+                                      "merged LoRA: the body is saved dense in bfloat16")
     if body_dtype and body_dtype != "float32":
         student.to(getattr(torch, body_dtype))  # the body is saved in the precision it came in
     if changed and report.get("model_bytes"):

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from ..auto import Probe
+from ..hub_code.embcomp_body import ggml_modules
 from .distill import distill, steps_run
 from .parts import compressed_embedding, trainable_parts
 from .refit import relative_lr_groups
@@ -194,6 +195,10 @@ def recover(
         kept = "original"
         logger.warning("recovery did not improve the %s (%.4g -> %.4g): the original weights are kept.",
                        held.metric, before, after)
+    elif lora_rank and any(not m.matches_blocks() for m in ggml_modules(student).values()):
+        student.dequantize_body()  # the merged adapters changed a body kept as GGUF blocks: plain Linear layers now
+        logger.warning("the merged LoRA adapters changed the body kept as GGUF blocks: it is dense now (saved in the "
+                       "model's dtype).")
     compressed_embedding(student).set_trainable(emb_flag)
     student.eval()
     return RecoveryResult(kept=kept, metric=held.metric, before=before, after=after, teacher=score_teacher,
