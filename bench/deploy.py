@@ -53,7 +53,8 @@ import quality  # noqa: E402
 
 logger = logging.getLogger("bench.deploy")
 
-VARIANTS = ("stock", "stock-safetensors", "body-int8", "body-nf4", "embedding", "both", "both-nf4", "onnx")
+VARIANTS = ("stock", "stock-safetensors", "body-int8", "body-nf4", "embedding", "both", "both-nf4", "onnx",
+            "stock-onnx")
 NEEDED_BY = {"stock-safetensors": ("body-int8", "body-nf4"), "embedding": ("both", "both-nf4", "onnx")}
 PROMPTS = ("The capital of France is", "Water boils at a temperature of")
 """The causal LM's ONNX check: greedy generation of 20 tokens from each, onnxruntime (with the cache) vs torch."""
@@ -276,25 +277,39 @@ def run_model(key: str, args: argparse.Namespace, work: Path, add: Callable[[dic
     # 5. folder 3 exported to ONNX (hf-embcomp export onnx), onnxruntime vs torch on real inputs
     attempt("onnx", f"embedding {args.ratio:g}x, ONNX", lambda: onnx_row(emb_dir if emb_ok else None,
                                                                          work / f"{emb_dir.name}-onnx", causal, tok))
+    # 6. the stock model through the same exporter and checks: the floor of the comparison
+    attempt("stock-onnx", "stock, ONNX", lambda: onnx_row(None, work / f"{key}-stock-onnx", causal, tok, stock=model))
     return measure.settings | {"source_load_seconds": load_s}
 
 
-def onnx_row(folder: Path | None, out: Path, causal: bool, tok: Any) -> dict[str, Any]:
+def onnx_row(folder: Path | None, out: Path, causal: bool, tok: Any, stock: torch.nn.Module | None = None
+             ) -> dict[str, Any]:
     """``hf-embcomp export onnx folder out`` (its default task: ``text-generation-with-past`` for a causal LM,
-    ``feature-extraction`` otherwise), then onnxruntime vs the torch model it was exported from: for a causal LM
+    ``feature-extraction`` otherwise) - or, with ``stock``, the stock model exported by the same
+    ``export_model_onnx`` to ``out/model.onnx`` - then onnxruntime vs the torch model it was exported from: for a causal LM
     the logits of every position while greedily generating 20 tokens from each of :data:`PROMPTS` with the cache,
     and whether the tokens equal ``generate``'s; for an encoder the last hidden states of 8 STS-B dev sentences of
     mixed lengths in one padded batch (max abs diff over the real tokens and over all positions)."""
-    from hf_embcomp.export import compare_with_past, export_onnx, ort_outputs
+    from hf_embcomp.export import (WITH_PAST, compare_with_past, export_model_onnx, export_onnx, initializer_summary,
+                                   ort_outputs)
 
-    if folder is None:
-        raise RuntimeError("the compressed-embedding folder was not made")
     t = time.perf_counter()
-    rep = export_onnx(folder, out, overwrite=True)
-    row: dict[str, Any] = {"format": "onnx", "task": rep["task"], "bytes": rep["onnx_bytes"],
-                           "safetensors_bytes": rep["safetensors_bytes"], "initializers": rep["initializers"],
-                           "build_seconds": round(time.perf_counter() - t, 1), "export_report": rep}
-    model = auto_class(causal).from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    if stock is not None:
+        model = stock
+        task = WITH_PAST if causal else "feature-extraction"
+        out.mkdir(parents=True, exist_ok=True)
+        export_model_onnx(model, out / "model.onnx", task)
+        row: dict[str, Any] = {"format": "onnx", "task": task, "bytes": (out / "model.onnx").stat().st_size,
+                               "initializers": initializer_summary(out / "model.onnx"),
+                               "build_seconds": round(time.perf_counter() - t, 1)}
+    else:
+        if folder is None:
+            raise RuntimeError("the compressed-embedding folder was not made")
+        rep = export_onnx(folder, out, overwrite=True)
+        row = {"format": "onnx", "task": rep["task"], "bytes": rep["onnx_bytes"],
+               "safetensors_bytes": rep["safetensors_bytes"], "initializers": rep["initializers"],
+               "build_seconds": round(time.perf_counter() - t, 1), "export_report": rep}
+        model = auto_class(causal).from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
     if causal:
         checks = []
         for prompt in PROMPTS:

@@ -367,7 +367,7 @@ def deploy_section(d: dict, link: str) -> list[str]:
         else:
             what = f"STS-B dev Spearman x100, {st.get('pairs', 0):,} pairs (higher is better)"
         first = f"{model}: {what}"
-        for r in (r for r in d["rows"] if r["model"] == model and r["variant"] != "onnx"):
+        for r in (r for r in d["rows"] if r["model"] == model and r["variant"] not in ("onnx", "stock-onnx")):
             if r["status"] != "ok":
                 body.append([first, r["label"], "", "", "", r["status"], "", "", "", ""])
                 first = ""
@@ -380,12 +380,12 @@ def deploy_section(d: dict, link: str) -> list[str]:
                           "change vs stock", "fit s", "build s", "eval s"], body)]
     out += ["", "× smaller than stock below 1 means the variant is bigger than the stock file (a 4-bit GGUF file "
             "against 16-bit or int8 weights); quality change is in points (STS-B) or percent (perplexity).", ""]
-    onnx = [r for r in d["rows"] if r["variant"] == "onnx"]
+    onnx = [r for r in d["rows"] if r["variant"] in ("onnx", "stock-onnx")]
     if onnx:
         rows = []
         for r in onnx:
             if r["status"] != "ok":
-                rows.append([r["model"], "", "", "", r["status"], ""])
+                rows.append([r["model"], r["label"], "", "", "", "", r["status"], ""])
                 continue
             checks = r.get("ort_checks", [])
             if r.get("task") == "text-generation-with-past":
@@ -395,11 +395,12 @@ def deploy_section(d: dict, link: str) -> list[str]:
                 diff = " / ".join(f"{c['max_abs_diff_real_tokens']:.1e} real tokens, {c['max_abs_diff_all_positions']:.1e} "
                                   f"all positions ({c['sentences']} STS-B sentences, one padded batch)" for c in checks)
                 same = "–"
-            rows.append([r["model"], r.get("task", ""), _f(r["bytes"] / 1e6, 1), _f(r["safetensors_bytes"] / 1e6, 1),
-                         _f(r["bytes"] / r["safetensors_bytes"], 2), diff, same])
-        out += ["", f"`hf-embcomp export onnx` of the embedding {d['ratio']:g}x folder (fp32 graph), onnxruntime vs "
-                "torch on real inputs:", "",
-                md_table(["model", "task", "model.onnx MB", "model.safetensors MB", "onnx / safetensors",
+            st = r.get("safetensors_bytes")
+            rows.append([r["model"], r["label"], r.get("task", ""), _f(r["bytes"] / 1e6, 1), _f(st and st / 1e6, 1),
+                         _f(st and r["bytes"] / st, 2), diff, same])
+        out += ["", f"`hf-embcomp export onnx` of the embedding {d['ratio']:g}x folder (fp32 graph), and the stock model "
+                "through the same exporter (`hf_embcomp.export.export_model_onnx`), onnxruntime vs torch on real inputs:",
+                "", md_table(["model", "variant", "task", "model.onnx MB", "model.safetensors MB", "onnx / safetensors",
                           "onnxruntime vs torch, max abs diff", "greedy tokens equal"], rows), ""]
     return out
 

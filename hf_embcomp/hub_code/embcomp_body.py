@@ -153,7 +153,14 @@ class GGMLLinear(nn.Linear):
 
     @torch.no_grad()
     def unpack_(self, dtype: torch.dtype | None = None) -> None:
-        """Fill ``weight`` from the blocks, in ``dtype`` (default: the weight's own), on the blocks' device."""
+        """Fill ``weight`` from the blocks, in ``dtype`` (default: the weight's own), on the blocks' device.
+
+        Raises:
+            ValueError: the blocks are not materialised (meta: Accelerate offloaded them to disk).
+        """
+        if self.weight_blocks.is_meta:
+            raise ValueError("a body kept as GGUF blocks cannot be offloaded to disk (its weights are made from the "
+                             "blocks at load): load without disk offload, or re-compress with --body-dtype bfloat16.")
         dtype = dtype or self.weight.dtype
         grad = self.weight.requires_grad
         self.weight = nn.Parameter(self.dequantized().to(dtype), requires_grad=grad)
