@@ -156,3 +156,18 @@ def test_compiles_fullgraph_and_keeps_the_eager_range_check(method):
         with pytest.raises(IndexError, match="out of range"):
             comp(input_ids=torch.tensor([[1, V]]))
     torch._dynamo.reset()
+
+
+def test_gptq_traced_lookup_equals_eager_for_few_and_many_ids():
+    """The graph-friendly lookup of gptq (every tier decodes every id, or - for many ids under torch.compile - the
+    tiers with at most that many rows are decoded whole and gathered) gives the eager rows bit for bit."""
+    import hf_embcomp
+    from tests.support.tiny import V, tiny_model
+
+    emb = hf_embcomp.compress(tiny_model("llama"), "gptq", 8, calibration=None).get_compressed_embedding()
+    assert len(emb.all_tiers) > 1 and min(n for _, _, n in emb.all_tiers) < 300 < max(n for _, _, n in emb.all_tiers)
+    pos, _ = emb._index()
+    for n in (3, 300):
+        ids = torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(n))
+        got = emb._unrotate_rows(emb._embed_traced(emb.row_bits[ids], pos[ids]))
+        assert torch.equal(got, emb.embed(ids))

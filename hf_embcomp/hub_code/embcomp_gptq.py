@@ -338,10 +338,8 @@ class GroupQuantEmbedding(CompressedEmbedding):
         tiers = self.all_tiers
         if len(tiers) == 1:
             out = self._decode(tiers[0][0], p)
-        elif is_exporting():  # every tier decodes every id (clamped into range) and a select keeps the right one
-            out = torch.zeros(flat.shape[0], self.embedding_dim, dtype=self.dtype, device=flat.device)
-            for name, tag, n in tiers:
-                out = torch.where((bits_of == tag).unsqueeze(-1), self._decode(name, p.clamp_max(n - 1)).to(out.dtype), out)
+        elif is_exporting():
+            out = self._embed_traced(bits_of, p)
         else:
             out = torch.empty(flat.numel(), self.embedding_dim, dtype=self.dtype, device=flat.device)  # every id
             for name, tag, _ in tiers:  # is in exactly one tier: each row is written once, in place
@@ -349,6 +347,49 @@ class GroupQuantEmbedding(CompressedEmbedding):
                 if hit.numel():
                     out.index_copy_(0, hit, self._decode(name, p[hit]).to(out.dtype))
         return self._unrotate_rows(out).reshape(*input_ids.shape, self.embedding_dim)
+
+    def _embed_traced(self, bits_of: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Rotated rows [N, d] of N ids (tier tags ``bits_of``, positions in their tiers ``p``) without data-dependent
+        shapes: each tier reads every id (clamped into range) and selects keep the right one. Vector tiers of one
+        sub-vector length k select at the index level ([N, d / k] codebook indices into their codebooks laid end to
+        end, and the scales) and gather their rows once; scalar tiers decode every id. Under ``torch.compile`` the
+        tiers with at most N rows are instead decoded whole, once, and gathered; ``torch.onnx`` / ``torch.export``
+        keep the forms that do not depend on N. The rows are the same every way (decoding is row by row)."""
+        N = p.shape[0]
+        compiler = getattr(torch, "compiler", None)
+        static = torch.onnx.is_in_onnx_export() or (compiler is not None and compiler.is_exporting())
+        small = [] if static else [t for t in self.all_tiers if t[2] <= N]
+        rest = [t for t in self.all_tiers if t not in small]
+        out = torch.zeros(N, self.embedding_dim, dtype=self.dtype, device=p.device)
+        if small:  # one table of the small tiers' rows, one gather
+            table = torch.cat([self._decode(name, slice(None)).to(out.dtype) for name, _, _ in small])
+            at = torch.zeros_like(p)
+            offset = 0
+            for _, tag, n in small:
+                at = torch.where(bits_of == tag, p + offset, at)
+                offset += n
+            out = table.index_select(0, at)
+        by_k: dict[int, list[tuple[str, int, int]]] = {}
+        for name, tag, n in rest:
+            if name[0] == "v":
+                by_k.setdefault(getattr(self, f"codebook_{name}").shape[1], []).append((name, tag, n))
+            else:
+                out = torch.where((bits_of == tag).unsqueeze(-1), self._decode(name, p.clamp_max(n - 1)).to(out.dtype), out)
+        for k, group in by_k.items():
+            idx = torch.zeros(N, self.embedding_dim // k, dtype=torch.int64, device=p.device)
+            scale = torch.zeros(N, 1, dtype=getattr(self, f"scales_{group[0][0]}").dtype, device=p.device)
+            hit = torch.zeros(N, dtype=torch.bool, device=p.device)
+            offset = 0
+            for name, tag, n in group:
+                t, at, here = int(name[1:]), p.clamp_max(n - 1), bits_of == tag
+                idx = torch.where(here.unsqueeze(-1), self._vq_indices(t, at) + offset, idx)
+                scale = torch.where(here.unsqueeze(-1), getattr(self, f"scales_v{t}")[at], scale)
+                hit = hit | here
+                offset += getattr(self, f"codebook_v{t}").shape[0]
+            books = torch.cat([getattr(self, f"codebook_{name}") for name, _, _ in group])
+            rows = codebook_rows(books, idx).flatten(-2) * scale
+            out = torch.where(hit.unsqueeze(-1), rows.to(out.dtype), out)
+        return out
 
     def _unrotate_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Decoded rotated rows x [n, d] (centred where stored so) -> rows of E_hat: (x + mu) R^T, computed as
