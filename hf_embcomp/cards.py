@@ -219,6 +219,7 @@ def build_card(
         ratio_vs_source=report["compression_ratio_vs_source"],
         fidelity=report["fidelity"],
         body_dtype=report.get("body_format") or report.get("body_dtype"),
+        body_blocks=bool(report.get("body_format")),
         min_transformers=MIN_TRANSFORMERS_VERSION,
         model_bytes=report.get("model_bytes"),
         source_model_bytes=report.get("source_model_bytes"),

@@ -112,6 +112,7 @@ def test_compressed_model_stores_blocks_and_reloads_the_same(tmp_path):
     assert cfg["body_quantization"]["format"] == "ggml" and len(cfg["body_quantization"]["modules"]) == 14
     rep = json.loads((d / "compression_report.json").read_text())
     assert rep["body_format"].startswith("GGUF ") and "14 linear layers" in rep["body_format"]
+    assert "model.dequantize_body()" in (d / "README.md").read_text()  # the card says how to fine-tune and save
 
     from transformers import AutoModelForCausalLM
 

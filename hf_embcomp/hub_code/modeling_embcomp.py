@@ -170,6 +170,12 @@ class EmbCompPreTrainedModel(PreTrainedModel):
                 "Re-save it with hf-embcomp, or load it with the head it was saved with."
             )
         model.get_compressed_embedding().check_layout()
+        if ggml_modules(model) and "disk" in set((getattr(model, "hf_device_map", None) or {}).values()):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} stores its body as GGUF blocks, whose weights are made at load: "
+                "they cannot be offloaded to disk; load without disk offload (more max_memory), or call "
+                "model.dequantize_body() on a full load, save, and offload that folder."
+            )
         for m in ggml_modules(model).values():
             m.unpack_()
         return (model, info) if want_info else model
