@@ -19,6 +19,7 @@ The compressed embedding's own tensors are always written in its storage dtype (
 from __future__ import annotations
 
 import logging
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -177,6 +178,44 @@ def gguf_body_blocks(model: torch.nn.Module, path: str | Path) -> tuple[dict[str
                 pool.pop(i)
                 break
     return found, [n for n in linears if n not in found]
+
+
+_FOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> (its Linear weights' identity and version, path, :func:`gguf_body_blocks` result): ``method="auto"``
+validates every candidate against the same source; the GGUF file is read and matched once."""
+
+
+def resolve_body(model: torch.nn.Module, body_dtype: str | torch.dtype | None = "auto"
+                 ) -> tuple[torch.dtype, dict[str, tuple[str, torch.Tensor]] | None]:
+    """The body of the compressed model: its dtype and, for ``"gguf"`` (:func:`resolve_body_dtype`), the Linear
+    layers kept as the GGUF file's blocks (:func:`gguf_body_blocks`; the rest of the body is then float32).
+
+    Under ``"auto"``, a body whose Linear layers do not all have blocks falls back to bfloat16 (a warning says so).
+
+    Returns:
+        (dtype, {module name: (ggml type, uint8 blocks)} or None).
+
+    Raises:
+        ValueError: as :func:`resolve_body_dtype`; or ``"gguf"`` asked explicitly and some Linear layer has no blocks.
+    """
+    body = resolve_body_dtype(model, body_dtype)
+    if body != "gguf":
+        return body, None
+    path = model._embcomp_source["gguf_path"]
+    state = tuple((m.weight.data_ptr(), m.weight._version) for m in model.modules() if type(m) is torch.nn.Linear)
+    cached = _FOUND.get(model)
+    if cached is None or cached[:2] != (state, path):
+        _FOUND[model] = cached = (state, path, gguf_body_blocks(model, path))
+    blocks, left = cached[2]
+    if left and body_dtype == "gguf":
+        raise ValueError(f"--body-dtype gguf: {len(left)} linear layers (e.g. {left[0]}) have no blocks of a type the "
+                         "runtime reads (e.g. I-quants) in the GGUF file that hold their weights; pass --body-dtype "
+                         "bfloat16.")
+    if left:
+        logger.warning("%d linear layers (e.g. %s) have no GGUF blocks that hold their weights: the body is stored in "
+                       "bfloat16 instead of the GGUF blocks.", len(left), left[0])
+        return torch.bfloat16, None
+    return torch.float32, blocks
 
 
 def model_size_report(source: torch.nn.Module, compressed: torch.nn.Module) -> dict[str, Any]:

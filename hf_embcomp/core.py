@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from .body import gguf_body_blocks, model_size_report, resolve_body_dtype
+from .body import model_size_report, resolve_body
 from .calibration import HEAD_SAMPLES, resolve_calibration
 from .hub_code.configuration_embcomp import FORMAT_VERSION, EmbCompConfig
 from .hub_code.embcomp_base import CompressedEmbedding, EmbCompTiedLogits
@@ -183,7 +183,7 @@ def compress(
             a :class:`hf_embcomp.calibration.Calibration`, a UTF-8 text file to calibrate on, ``"default"``
             (the built-in calibration text, when a tokenizer is given) or None (no calibration). Recorded in the
             report and config.
-        body_dtype: dtype of every weight but the compressed embedding (:func:`hf_embcomp.body.resolve_body_dtype`):
+        body_dtype: dtype of every weight but the compressed embedding (:func:`hf_embcomp.body.resolve_body`):
             ``"auto"`` keeps the source checkpoint's precision class (bfloat16 for a quantised GGUF file).
         refit_steps: steps of the head-side refit (:mod:`hf_embcomp.training.refit`; 300 is its tuned length) for a
             causal LM whose head is tied to the compressed embedding, with a calibration that saw the head. Default 0
@@ -299,7 +299,7 @@ def validate(model: PreTrainedModel, method: str, ratio: float | None, config: M
         model, method, ratio, config, tokenizer, corpus: as for :func:`compress`.
         hyperparameters: the method config overrides (``rank=``, ``dtype=`` ...), used without ``config``.
         source: the source as given; the fields missing are taken from the model (:meth:`SourceInfo.or_carried`).
-        body_dtype: as for :func:`compress` (:func:`hf_embcomp.body.resolve_body_dtype`).
+        body_dtype: as for :func:`compress` (:func:`hf_embcomp.body.resolve_body`).
 
     Raises:
         CompressionError: already compressed, not an nn.Embedding input embedding, or no Auto class builds it.
@@ -317,20 +317,8 @@ def validate(model: PreTrainedModel, method: str, ratio: float | None, config: M
     if corpus is not None and (tokenizer is None or not spec.uses_token_counts):
         raise ValueError("corpus= needs a tokenizer and a method that uses token frequencies (lighttoken); "
                          "pass tokenizer= or leave corpus out.")
-    body = resolve_body_dtype(model, body_dtype)
-    blocks = None
-    if body == "gguf":
-        blocks, left = gguf_body_blocks(model, model._embcomp_source["gguf_path"])
-        if left and body_dtype == "gguf":
-            raise ValueError(f"--body-dtype gguf: {len(left)} linear layers (e.g. {left[0]}) have no blocks of a "
-                             "type the runtime reads (e.g. I-quants) in the GGUF file that hold their weights; pass "
-                             "--body-dtype bfloat16.")
-        if left:
-            logger.warning("%d linear layers (e.g. %s) have no GGUF blocks that hold their weights: the body is "
-                           "stored in bfloat16 instead of the GGUF blocks.", len(left), left[0])
-            blocks = None
-        body = torch.float32 if blocks else torch.bfloat16
-    return CompressionPlan(method, spec, cfg, weight, auto, source, body, blocks or None)
+    body, blocks = resolve_body(model, body_dtype)
+    return CompressionPlan(method, spec, cfg, weight, auto, source, body, blocks)
 
 
 def fit(model: PreTrainedModel, plan: CompressionPlan, *, device: str | torch.device | None = None,

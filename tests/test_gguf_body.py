@@ -14,7 +14,7 @@ from gguf.quants import dequantize, quantize
 from safetensors import safe_open
 
 import hf_embcomp
-from hf_embcomp.body import gguf_body_blocks, resolve_body_dtype
+from hf_embcomp.body import gguf_body_blocks, resolve_body, resolve_body_dtype
 from hf_embcomp.hub_code.embcomp_body import GGML_BLOCKS, GGMLLinear, dequantize_ggml
 from hf_embcomp.io import SOURCE_ATTRIBUTE, save_compressed
 from tests.support.tiny import tiny_model
@@ -86,10 +86,16 @@ def test_blocks_found_by_content_in_row_order(tmp_path):
     for name, (kind, blocks) in found.items():
         assert kind == kinds.get(name, "Q4_1")
         assert torch.equal(dequantize_ggml(blocks, kind), model.get_submodule(name).weight)
+    dtype, blocks = resolve_body(model)
+    assert dtype == torch.float32 and sorted(blocks) == sorted(linears)
+    assert resolve_body(model)[1] is blocks  # auto's candidates: the file is read and matched once
     with torch.no_grad():  # a weight off its grid has no blocks
         model.model.layers[0].mlp.down_proj.weight[0, 0] += 1e-3
     found, left = gguf_body_blocks(model, path)
     assert left == ["model.layers.0.mlp.down_proj"] and len(found) == len(linears) - 1
+    assert resolve_body(model) == (torch.bfloat16, None)  # the changed weight is seen: no stale blocks
+    with pytest.raises(ValueError, match="have no blocks"):
+        resolve_body(model, "gguf")
     assert resolve_body_dtype(model) == "gguf" and resolve_body_dtype(model, "bfloat16") == torch.bfloat16
     with pytest.raises(ValueError, match="load the model from a .gguf file"):
         resolve_body_dtype(tiny_model("llama"), "gguf")

@@ -143,12 +143,6 @@ class EmbCompPreTrainedModel(PreTrainedModel):
                     raise ValueError(f"{pretrained_model_name_or_path} is not an hf-embcomp checkpoint (no backbone_model_type).")
             return embcomp_model_class(cls, bmt).from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
-        if kwargs.get("quantization_config") is not None and _body_blocks(kwargs.get("config")):
-            raise ValueError(
-                f"{pretrained_model_name_or_path} stores its body as GGUF blocks (config.json body_quantization), "
-                "already quantised: load it without quantization_config, or call model.dequantize_body(), save, and "
-                "quantise that folder (or compress with --body-dtype bfloat16)."
-            )
         model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
         if getattr(model, "hf_quantizer", None) is not None and ggml_modules(model):
             raise ValueError(

@@ -91,8 +91,9 @@ def cmd_recover(args: argparse.Namespace) -> int:
     if body_dtype and body_dtype != "float32":
         student.to(getattr(torch, body_dtype))  # the body is saved in the precision it came in
     if changed and report.get("model_bytes"):
-        report.update(body_dtype="bfloat16", body_format=None, model_bytes=state_dict_bytes(student),
-                      model_compression_ratio=report["source_model_bytes"] / state_dict_bytes(student))
+        stored = state_dict_bytes(student)
+        report.update(body_dtype="bfloat16", body_format=None, model_bytes=stored,
+                      model_compression_ratio=report["source_model_bytes"] / stored)
     files = {k: v for k, v in side_files(folder).items() if not k.endswith(".py")}
     files["compression_report.json"] = (json.dumps(report, indent=2) + "\n").encode()
     if "method" in report:
